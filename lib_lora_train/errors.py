@@ -1,0 +1,21 @@
+"""Errors the hosts turn into clear messages (and the CLI into exit codes)."""
+
+
+class LoraTrainError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ConfigError(LoraTrainError):
+    """A bad or unsupported configuration value (CLI exit code 2)."""
+
+
+class DataError(LoraTrainError):
+    """The dataset cannot be used as given (CLI exit code 2)."""
+
+
+class ModelError(LoraTrainError):
+    """The checkpoint cannot be loaded or is not of a supported family (CLI exit code 2)."""
+
+
+class Interrupted(LoraTrainError):
+    """The run was stopped on request; a resumable state was saved (CLI exit code 3)."""
