@@ -1,0 +1,40 @@
+# The README's commands. Each target sets up its own virtual environment.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: demo test test-current test-webui bench clean
+
+# Current releases: the command line and the standalone page.
+.venv/.ok: requirements/current.txt requirements/test.txt
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install $(PIP_FLAGS) $(TORCH)
+	.venv/bin/pip install $(PIP_FLAGS) -r requirements/current.txt -r requirements/test.txt
+	# Only the CLIP BPE vocabulary file is used from open_clip; --no-deps keeps torchvision out.
+	.venv/bin/pip install $(PIP_FLAGS) --no-deps open-clip-torch==3.3.0
+	touch $@
+
+# The WebUI's pinned stack (A1111 1.10.1), so the engine is tested where the extension runs.
+.venv-webui/.ok: requirements/webui.txt requirements/test-webui.txt
+	$(PYTHON) -m venv .venv-webui
+	.venv-webui/bin/pip install $(PIP_FLAGS) $(TORCH)
+	.venv-webui/bin/pip install $(PIP_FLAGS) -r requirements/webui.txt -r requirements/test-webui.txt
+	.venv-webui/bin/pip install $(PIP_FLAGS) --no-deps open-clip-torch==2.20.0
+	touch $@
+
+demo: .venv/.ok
+	.venv/bin/python -m lib_lora_train demo --out demo_out
+
+test: test-current test-webui
+
+test-current: .venv/.ok
+	.venv/bin/python -m pytest -q tests
+
+test-webui: .venv-webui/.ok
+	.venv-webui/bin/python -m pytest -q tests
+
+bench: .venv/.ok
+	.venv/bin/python bench/train_step.py
+
+clean:
+	rm -rf .venv .venv-webui demo_out

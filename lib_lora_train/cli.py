@@ -1,0 +1,168 @@
+"""Command line: `python -m lib_lora_train <command> ...`.
+
+Exit codes: 0 done, 2 bad config or input, 3 interrupted with a resumable state, 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from .errors import ConfigError, DataError, Interrupted, LoraTrainError, ModelError
+from .events import DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STATE_SAVED, STEP, WARNING, Event
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+
+class ProgressPrinter:
+    """Renders engine events on a terminal: a tqdm bar with loss, it/s and ETA, plus one line per milestone."""
+
+    def __init__(self, stream=None, bar: bool = True):
+        self.stream = stream or sys.stderr
+        self.use_bar = bar
+        self.bar = None
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        d = event.data
+        if event.kind == START:
+            self._line(f"steps: {d['formula']}")
+            if self.use_bar:
+                from tqdm import tqdm
+                self.bar = tqdm(total=d["total_steps"], initial=d.get("start_step", 0), file=self.stream,
+                                unit="step", dynamic_ncols=True)
+        elif event.kind == STEP:
+            if self.bar is not None:
+                self.bar.n = d["step"]
+                self.bar.set_postfix_str(f"epoch {d['epoch']}/{d['epochs']} loss {d['avg_loss']:.4f}",
+                                         refresh=False)
+                self.bar.refresh()
+            elif d["step"] % 10 == 0 or d["step"] == d["total_steps"]:
+                self._line(f"step {d['step']}/{d['total_steps']} loss {d['avg_loss']:.4f} "
+                           f"{d['it_per_s']:.2f} it/s")
+        elif event.kind == EPOCH:
+            self._line(f"epoch {d['epoch']}/{d['epochs']} done, average loss {d['avg_loss']:.4f}")
+        elif event.kind == SAVED:
+            self._line(f"saved {d['path']}")
+        elif event.kind == STATE_SAVED:
+            self._line(f"state saved to {d['path']}")
+        elif event.kind == SAMPLE:
+            self._line(f"samples: {', '.join(d['paths'])}")
+        elif event.kind in (LOG, WARNING):
+            self._line(("warning: " if event.kind == WARNING else "") + d["message"])
+        elif event.kind in (DONE, INTERRUPTED, ERROR):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if event.kind == INTERRUPTED:
+                self._line(f"interrupted at step {d['step']}; resumable state: {d.get('state')}")
+
+
+def _install_sigint(stop: threading.Event) -> None:
+    """First Ctrl-C: stop at the next step with a saved state. Second: abort at once."""
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping at the next step and saving a resumable state (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def _config_from_args(args: argparse.Namespace, rest: list[str]):
+    from .config import config_from_dict, load_config, parse_cli_overrides
+    overrides = parse_cli_overrides(rest)
+    if args.config:
+        return load_config(args.config, overrides)
+    return config_from_dict(overrides)
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .training.loop import train
+    cfg = _config_from_args(args, rest)
+    stop = threading.Event()
+    _install_sigint(stop)
+    result = train(cfg, sink=ProgressPrinter(bar=not args.no_bar), stop=stop)
+    print(json.dumps({"status": result.status, "outputs": result.outputs, "record": result.record_path,
+                      "state": result.state_dir, "steps": result.steps}, indent=2))
+    return EXIT_OK
+
+
+def cmd_steps(args: argparse.Namespace, rest: list[str]) -> int:
+    from .training.data_setup import plan_for_config
+    cfg = _config_from_args(args, rest)
+    plan = plan_for_config(cfg)
+    if args.json:
+        print(json.dumps({"total_steps": plan.total_steps, "epochs": plan.epochs,
+                          "steps_per_epoch": plan.steps_per_epoch, "formula": plan.formula}))
+    else:
+        print(plan.formula)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from .demo.run import run_demo
+    run_demo(args.out, bar=not args.no_bar)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_lora_train",
+                                description="Train LoRA / LyCORIS networks for Stable Diffusion 1.x "
+                                            "(sd-scripts-compatible options and files).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a network; options use sd-scripts' names (--key value)",
+                       description="Options: sd-scripts names, from --config run.toml and/or as --key value flags "
+                                   "(e.g. --network_dim 32 --network_args conv_dim=8 conv_alpha=4).")
+    t.add_argument("--config", help="run.toml with sd-scripts argument names")
+    t.add_argument("--no-bar", action="store_true", help="print lines instead of a progress bar")
+    t.set_defaults(func=cmd_train)
+    s = sub.add_parser("steps", help="print how many steps a config will train, and why")
+    s.add_argument("--config")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_steps)
+    d = sub.add_parser("demo", help="train on the built-in tiny model and toy dataset, make a before/after grid")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--no-bar", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("train", "steps"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except LoraTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the exit code says "anything else"
+        import traceback
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run(argv: list[str] | None = None) -> Any:
+    sys.exit(main(argv))

@@ -1,0 +1,479 @@
+"""The training loop, top to bottom: model -> data -> network -> optimizer -> steps -> files.
+
+Everything random in step s comes from generators seeded by (seed, epoch, batch), so a run resumed from a saved
+state continues bit-identically (docs/ARCHITECTURE.md). The loop never prints: it emits events.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError, Interrupted
+from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STATE_SAVED, STEP, WARNING,
+                      Event, EventSink, fan_out)
+from ..record import RunRecord
+from . import metadata as md
+from .data_setup import build_training_data, captions_for, make_latent_source
+from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weights, sample_noise, \
+    sample_timesteps, target_for
+from .optim import make_optimizer
+from .schedulers import make_scheduler
+from .state import load_train_state, restore_into, save_train_state
+
+
+@dataclass
+class RunResult:
+    status: str                       # "done" | "interrupted"
+    outputs: list[str] = field(default_factory=list)
+    record_path: str = ""
+    state_dir: str | None = None
+    steps: int = 0
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints; independent of Python's hash randomisation."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
+def output_file(cfg: TrainConfig, suffix: str = "") -> str:
+    return os.path.join(cfg.output_dir, f"{cfg.output_name}{suffix}.safetensors")
+
+
+def _check_outputs_free(cfg: TrainConfig) -> None:
+    """Never replace another run's files silently."""
+    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.output_dir):
+        return
+    prefix = cfg.output_name
+    taken = [n for n in os.listdir(cfg.output_dir)
+             if n == f"{prefix}.safetensors" or n == f"{prefix}.run.json"
+             or (n.startswith(prefix + "-") and n.endswith(".safetensors") and n[len(prefix) + 1:-12].isdigit())]
+    if taken:
+        raise ConfigError(f"output_dir '{cfg.output_dir}' already holds files of a run named '{prefix}' "
+                          f"({', '.join(sorted(taken)[:3])}); choose another output_name, set overwrite = true, "
+                          f"or resume that run")
+
+
+def _dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype of the frozen base, autocast dtype or None)."""
+    if cfg.mixed_precision == "fp16":
+        return torch.float16, torch.float16
+    if cfg.mixed_precision == "bf16":
+        return torch.bfloat16, torch.bfloat16
+    return torch.float32, None
+
+
+def _save_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, None: None}[cfg.save_precision]
+
+
+def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
+          stop: threading.Event | None = None) -> RunResult:
+    """Run one training job. `model` (an SDModel) is used as given when a host already holds one."""
+    from ..models import encode_prompts, load_sd_model
+    from ..models.text import tokenize  # noqa: F401  (kept importable for hosts that pre-tokenize)
+    from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
+
+    stop = stop or threading.Event()
+    _check_outputs_free(cfg)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    record = RunRecord(cfg.output_dir, cfg.output_name, cfg.to_dict(), resume=bool(cfg.resume))
+    emit = fan_out([record, sink])
+    result = RunResult(status="failed", record_path=record.path)
+    restore: list = []   # undo actions for a model we did not load ourselves
+    try:
+        device = resolve_device(cfg.device)
+        weight_dtype, autocast_dtype = _dtypes(cfg, device)
+
+        # ---------------------------------------------------------------- model
+        if model is None:
+            emit(Event(LOG, {"message": f"loading {cfg.pretrained_model_name_or_path}"}))
+            if not cfg.pretrained_model_name_or_path:
+                raise ConfigError("pretrained_model_name_or_path: no checkpoint given")
+            overrides = {"prediction_type": "v_prediction"} if cfg.v_parameterization else None
+            model = load_sd_model(cfg.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
+                                  overrides=overrides)
+            if not cfg.no_half_vae and weight_dtype == torch.float16 and device.type == "cpu":
+                model.vae.to(torch.float32)   # fp16 convolutions are not implemented on every CPU build
+        else:
+            restore.append(_remember_modes(model))
+        unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
+        if cfg.no_half_vae and vae.dtype != torch.float32:
+            restore.append(lambda v=vae, d=vae.dtype: v.to(d))
+            vae.to(torch.float32)
+        info = model.info
+        if cfg.v_parameterization and info.prediction_type != "v_prediction":
+            info.prediction_type, info.base_model_version = "v_prediction", info.base_model_version + "_v"
+        scheduler_cfg = model.noise_scheduler
+
+        # ---------------------------------------------------------------- data
+        data, folder_mode = build_training_data(cfg, emit)
+        from ..dataset import plan_steps_for_data
+        plan = plan_steps_for_data(data, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                   max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps)
+        summary = data.summary()
+        latents = make_latent_source(cfg, data, model, device, emit)
+
+        # ---------------------------------------------------------------- network
+        train_unet = not cfg.network_train_text_encoder_only
+        train_te = not cfg.network_train_unet_only and (cfg.text_encoder_lr is None or cfg.text_encoder_lr > 0)
+        net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha,
+                                           cfg.network_args, train_unet=train_unet, train_text_encoder=train_te,
+                                           network_dropout=cfg.network_dropout)
+        if cfg.network_weights and cfg.dim_from_weights:
+            net_cfg = _dims_from_file(net_cfg, cfg.network_weights, read_network_file)
+        network = create_network(net_cfg, unet, text_encoder)
+        network.to(device)
+        if cfg.network_weights:
+            tensors, _ = read_network_file(cfg.network_weights)
+            network.load_tensors(tensors)
+            emit(Event(LOG, {"message": f"started from {cfg.network_weights}"}))
+        network.apply_to()
+        restore.append(network.remove)
+        if cfg.full_fp16 or cfg.full_bf16:
+            network.to(weight_dtype)
+
+        groups = network.param_groups(cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate)
+        if not groups:
+            raise ConfigError("nothing to train: every network part has learning rate 0 or was switched off")
+        optimizer, optimizer_description = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
+                                                          cfg.optimizer_args)
+        lr_scheduler = make_scheduler(cfg.lr_scheduler, optimizer, num_training_steps=plan.total_steps,
+                                      num_warmup_steps=cfg.lr_warmup_steps,
+                                      num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
+        scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and device.type == "cuda" \
+            else None
+
+        if cfg.gradient_checkpointing:
+            restore.append(_enable_checkpointing(unet, text_encoder if train_te else None))
+
+        # ---------------------------------------------------------------- resume
+        global_step, first_epoch = 0, 0
+        if cfg.resume:
+            state = load_train_state(cfg.resume)
+            restore_into(state, network, optimizer, lr_scheduler)
+            global_step, first_epoch = state.global_step, state.epoch
+            emit(Event(LOG, {"message": f"resumed from {cfg.resume} at epoch {first_epoch}, step {global_step}"}))
+
+        run_meta = md.training_metadata(
+            cfg, model_info=info, data_summary=summary, plan=plan,
+            num_batches_per_epoch=data.num_batches_per_epoch, optimizer_description=optimizer_description,
+            network_dim=net_cfg.dim, network_alpha=net_cfg.alpha, network_args=net_cfg.args_for_metadata(),
+            folder_mode=folder_mode,
+            session_id=derive_seed(cfg.seed_value, 7) % (2 ** 32) if cfg.seed is not None else None)
+        record.set(model={"name": info.name, "family": info.family, "prediction_type": info.prediction_type,
+                          "sha256": info.sha256, "legacy_hash": info.legacy_hash},
+                   dataset=_record_dataset(summary, data), network=net_cfg.describe(),
+                   optimizer=optimizer_description)
+
+        def save_lora(path: str, epoch: int, kind: str) -> None:
+            tensors = network.save_tensors(_save_dtype(cfg))
+            meta = md.for_save(run_meta, cfg, model_info=info, step=global_step, epoch=epoch)
+            hashes = save_network_file(path, tensors, meta, overwrite=True)
+            result.outputs.append(path)
+            emit(Event(SAVED, {"path": path, "epoch": epoch, "step": global_step, "kind": kind, **hashes}))
+
+        def save_state(name: str, epoch: int) -> str:
+            path = os.path.join(cfg.output_dir, name)
+            save_train_state(path, network_tensors=network.save_tensors(), optimizer=optimizer,
+                             scheduler=lr_scheduler, epoch=epoch, global_step=global_step,
+                             extra={"output_name": cfg.output_name, "total_steps": plan.total_steps})
+            emit(Event(STATE_SAVED, {"path": path, "epoch": epoch, "step": global_step}))
+            return path
+
+        sampler = _Previews(cfg, model, network, emit)
+        emit(Event(START, {"total_steps": plan.total_steps, "epochs": plan.epochs,
+                           "steps_per_epoch": plan.steps_per_epoch, "formula": plan.formula,
+                           "run_id": record.run_id, "start_step": global_step}))
+        if cfg.sample_at_first and global_step == 0:
+            sampler.make(0, 0)
+
+        # ---------------------------------------------------------------- the loop
+        network.train()
+        ga = cfg.gradient_accumulation_steps
+        loss_sum, loss_count, recent = 0.0, 0, []
+        t_start, step_at_start = time.time(), global_step
+        epoch = first_epoch
+        last_epoch_tensors = None
+        for epoch in range(first_epoch, plan.epochs):
+            batches = data.batches_for_epoch(epoch)
+            steps_done_in_epoch = global_step - epoch * plan.steps_per_epoch
+            first_batch = max(0, steps_done_in_epoch) * ga
+            epoch_loss, epoch_count = 0.0, 0
+            for b_index in range(first_batch, len(batches)):
+                batch = batches[b_index]
+                seed = derive_seed(cfg.seed_value, epoch, b_index)
+                gen = torch.Generator().manual_seed(seed)
+                torch.manual_seed(seed)                   # dropout inside network modules
+                caption_rng = random.Random(seed)
+                network.before_step(gen)
+
+                lat = latents.get_batch(batch, gen).to(device)
+                captions = captions_for(data, batch, epoch=epoch, step=global_step,
+                                        max_steps=plan.total_steps, rng=caption_rng)
+                with _autocast(device, autocast_dtype):
+                    with torch.set_grad_enabled(train_te):
+                        cond = encode_prompts(model, captions, clip_skip=cfg.clip_skip,
+                                              max_token_length=cfg.max_token_length, device=device)
+                    noise = sample_noise(lat, gen, noise_offset=cfg.noise_offset,
+                                         noise_offset_random_strength=cfg.noise_offset_random_strength,
+                                         adaptive_noise_scale=cfg.adaptive_noise_scale,
+                                         multires_noise_iterations=cfg.multires_noise_iterations,
+                                         multires_noise_discount=cfg.multires_noise_discount)
+                    timesteps = sample_timesteps(lat.shape[0], gen, min_timestep=cfg.min_timestep or 0,
+                                                 max_timestep=cfg.max_timestep or 1000, device=device)
+                    noisy_in = ip_noise(noise, cfg.ip_noise_gamma, gen) if cfg.ip_noise_gamma else noise
+                    noisy = scheduler_cfg.add_noise(lat, noisy_in, timesteps)
+                    pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample
+                target = target_for(scheduler_cfg, lat, noise, timesteps, info.prediction_type)
+                per_sample = compute_loss(pred.float(), target.float(), loss_type=cfg.loss_type,
+                                          huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule,
+                                          timesteps=timesteps, scheduler=scheduler_cfg)
+                weights = torch.tensor([s.item.loss_weight for s in batch.samples], device=per_sample.device)
+                if cfg.min_snr_gamma:
+                    weights = weights * loss_weights_min_snr(timesteps, scheduler_cfg, cfg.min_snr_gamma,
+                                                             info.prediction_type).to(weights.device)
+                if cfg.debiased_estimation_loss:
+                    weights = weights * debiased_weights(timesteps, scheduler_cfg,
+                                                         info.prediction_type).to(weights.device)
+                loss = (per_sample * weights).mean()
+                (scaler.scale(loss / ga) if scaler else loss / ga).backward()
+                loss_value = float(loss.detach())
+                epoch_loss += loss_value
+                epoch_count += 1
+
+                end_of_step = (b_index + 1) % ga == 0 or b_index + 1 == len(batches)
+                if not end_of_step:
+                    continue
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+
+                recent = (recent + [loss_value])[-50:]
+                loss_sum += loss_value
+                loss_count += 1
+                elapsed = time.time() - t_start
+                it_s = (global_step - step_at_start) / elapsed if elapsed > 0 else 0.0
+                emit(Event(STEP, {
+                    "step": global_step, "total_steps": plan.total_steps, "epoch": epoch + 1,
+                    "epochs": plan.epochs, "loss": loss_value, "avg_loss": sum(recent) / len(recent),
+                    "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
+                    "it_per_s": it_s,
+                    "eta_s": (plan.total_steps - global_step) / it_s if it_s > 0 else None}))
+
+                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 \
+                        and global_step < plan.total_steps:
+                    save_lora(output_file(cfg, f"-step{global_step:08d}"), epoch + 1, "step")
+                    if cfg.save_state:
+                        save_state(f"{cfg.output_name}-step{global_step:08d}-state", epoch)
+                if sampler.due_step(global_step):
+                    sampler.make(epoch + 1, global_step)
+                if global_step >= plan.total_steps:
+                    break
+                if stop.is_set():
+                    raise Interrupted(f"stopped at step {global_step}")
+
+            # ---------------------------------------------------------- end of epoch
+            done_epochs = epoch + 1
+            emit(Event(EPOCH, {"epoch": done_epochs, "epochs": plan.epochs, "step": global_step,
+                               "avg_loss": epoch_loss / max(epoch_count, 1)}))
+            last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
+            is_last = done_epochs >= plan.epochs or global_step >= plan.total_steps
+            if cfg.save_every_n_epochs and done_epochs % cfg.save_every_n_epochs == 0 and not is_last:
+                save_lora(output_file(cfg, f"-{done_epochs:06d}"), done_epochs, "epoch")
+                _prune_old_epochs(cfg, done_epochs, emit)
+                if cfg.save_state:
+                    save_state(f"{cfg.output_name}-{done_epochs:06d}-state", done_epochs)
+            if sampler.due_epoch(done_epochs, is_last):
+                sampler.make(done_epochs, global_step)
+            if is_last:
+                break
+            if stop.is_set():
+                raise Interrupted(f"stopped after epoch {done_epochs}")
+
+        # ---------------------------------------------------------------- the end
+        save_lora(output_file(cfg), min(epoch + 1, plan.epochs), "final")
+        if cfg.save_state_on_train_end:
+            result.state_dir = save_state(f"{cfg.output_name}-state", plan.epochs)
+        result.status, result.steps = "done", global_step
+        emit(Event(DONE, {"outputs": result.outputs, "steps": global_step,
+                          "avg_loss": loss_sum / max(loss_count, 1)}))
+        return result
+
+    except Interrupted as exc:
+        # A stop request: keep a resumable state and the last completed epoch's file.
+        state_path = None
+        try:
+            if "optimizer" in locals():
+                epoch_done = locals().get("done_epochs", first_epoch) if "stopped after" in str(exc) \
+                    else locals().get("epoch", first_epoch)
+                state_path = save_state(f"{cfg.output_name}-state", epoch_done)
+                leftover = locals().get("last_epoch_tensors")
+                if leftover is not None:
+                    ep, step_at, tensors = leftover
+                    path = output_file(cfg, f"-{ep:06d}")
+                    if not os.path.exists(path):
+                        meta = md.for_save(run_meta, cfg, model_info=info, step=step_at, epoch=ep)
+                        hashes = save_network_file(path, tensors, meta, overwrite=False)
+                        result.outputs.append(path)
+                        emit(Event(SAVED, {"path": path, "epoch": ep, "step": step_at, "kind": "epoch", **hashes}))
+        finally:
+            result.status, result.state_dir = "interrupted", state_path
+            result.steps = locals().get("global_step", 0)
+            emit(Event(INTERRUPTED, {"step": result.steps, "state": state_path, "message": str(exc)}))
+        raise Interrupted(f"{exc}; resume with resume = \"{state_path}\"") from None
+    except BaseException as exc:
+        emit(Event(ERROR, {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}))
+        raise
+    finally:
+        for undo in reversed(restore):
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - report, keep undoing the rest
+                emit(Event(WARNING, {"message": f"could not restore the model completely: {exc}"}))
+        record.close()
+
+
+# -------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+def _remember_modes(model):
+    """Undo for a host's model: train/eval modes and requires_grad flags exactly as they were."""
+    modules = [model.unet, model.vae, model.text_encoder]
+    modes = [(m, m.training) for m in modules]
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+
+    def undo() -> None:
+        for m, mode in modes:
+            m.train(mode)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+    return undo
+
+
+def _enable_checkpointing(unet, text_encoder):
+    unet.enable_gradient_checkpointing()
+    unet_mode = unet.training
+    unet.train()   # diffusers checkpoints only in training mode; SD's UNet has no dropout to switch on
+    if text_encoder is not None:
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.enable_input_require_grads()
+        te_mode = text_encoder.training
+        text_encoder.train()
+
+    def undo() -> None:
+        unet.disable_gradient_checkpointing()
+        unet.train(unet_mode)
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_disable()
+            text_encoder.disable_input_require_grads()
+            text_encoder.train(te_mode)
+    return undo
+
+
+def _dims_from_file(net_cfg, path, read_network_file):
+    tensors, meta = read_network_file(path)
+    downs = [t for k, t in tensors.items() if k.endswith("lora_down.weight")]
+    if not downs:
+        raise ConfigError(f"dim_from_weights: {path} holds no lora_down weights")
+    return net_cfg.with_dim(int(downs[0].shape[0]))
+
+
+def _record_dataset(summary: dict, data) -> dict:
+    keep = ("num_train_images", "num_reg_images", "dataset_dirs", "reg_dataset_dirs", "bucket_info",
+            "tag_frequency")
+    out = {k: summary.get(k) for k in keep}
+    out["num_batches_per_epoch"] = data.num_batches_per_epoch
+    out["warnings"] = list(getattr(data, "warnings", []))
+    return out
+
+
+def _prune_old_epochs(cfg: TrainConfig, done_epochs: int, emit) -> None:
+    """save_last_n_epochs: remove this run's older epoch files (never files of other runs)."""
+    if not cfg.save_last_n_epochs:
+        return
+    old = done_epochs - cfg.save_last_n_epochs * (cfg.save_every_n_epochs or 1)
+    if old >= 1:
+        path = output_file(cfg, f"-{old:06d}")
+        if os.path.exists(path):
+            os.unlink(path)
+            emit(Event(LOG, {"message": f"removed {os.path.basename(path)} (save_last_n_epochs)"}))
+
+
+class _Previews:
+    """sample_prompts every n epochs / steps, made with the network applied as it is at that moment."""
+
+    def __init__(self, cfg: TrainConfig, model, network, emit):
+        self.cfg, self.model, self.network, self.emit = cfg, model, network, emit
+        self.specs = None
+        if cfg.sample_prompts:
+            from ..sampling.prompts import read_prompt_file
+            self.specs = read_prompt_file(cfg.sample_prompts)
+
+    def due_step(self, step: int) -> bool:
+        n = self.cfg.sample_every_n_steps
+        return bool(self.specs) and not self.cfg.sample_every_n_epochs and bool(n) and step % n == 0
+
+    def due_epoch(self, epoch: int, is_last: bool) -> bool:
+        n = self.cfg.sample_every_n_epochs
+        return bool(self.specs) and bool(n) and (epoch % n == 0 or is_last)
+
+    def make(self, epoch: int, step: int) -> None:
+        if not self.specs:
+            return
+        from ..sampling.grid import save_png_with_text
+        from ..sampling.pipeline import generate
+        folder = os.path.join(self.cfg.output_dir, "sample")
+        self.network.eval()
+        try:
+            images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip,
+                              device=self.model.unet.device, default_sampler=self.cfg.sample_sampler)
+        finally:
+            self.network.train()
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        tag = f"e{epoch:06d}" if self.cfg.sample_every_n_epochs or step == 0 else f"{step:06d}"
+        paths = []
+        for i, (img, spec) in enumerate(zip(images, self.specs)):
+            path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{i:02d}_{stamp}_{spec.seed}.png")
+            save_png_with_text(img, path, {"parameters": spec.prompt})
+            paths.append(path)
+        self.emit(Event(SAMPLE, {"paths": paths, "epoch": epoch, "step": step}))
