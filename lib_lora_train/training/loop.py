@@ -6,6 +6,7 @@ state continues bit-identically (docs/ARCHITECTURE.md). The loop never prints: i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -91,7 +92,7 @@ def _save_dtype(cfg: TrainConfig) -> torch.dtype | None:
 def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
           stop: threading.Event | None = None) -> RunResult:
     """Run one training job. `model` (an SDModel) is used as given when a host already holds one."""
-    from ..models import encode_prompts, load_sd_model
+    from ..models import encode_prompts, ensure_hashes, load_sd_model
     from ..models.text import tokenize  # noqa: F401  (kept importable for hosts that pre-tokenize)
     from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
 
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         if cfg.no_half_vae and vae.dtype != torch.float32:
             restore.append(lambda v=vae, d=vae.dtype: v.to(d))
             vae.to(torch.float32)
-        info = model.info
+        info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
         if cfg.v_parameterization and info.prediction_type != "v_prediction":
             info.prediction_type, info.base_model_version = "v_prediction", info.base_model_version + "_v"
         scheduler_cfg = model.noise_scheduler
@@ -143,6 +144,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                            network_dropout=cfg.network_dropout)
         if cfg.network_weights and cfg.dim_from_weights:
             net_cfg = _dims_from_file(net_cfg, cfg.network_weights, read_network_file)
+        torch.manual_seed(derive_seed(cfg.seed_value, 0x1417))   # the network's initial weights
         network = create_network(net_cfg, unet, text_encoder)
         network.to(device)
         if cfg.network_weights:
@@ -179,12 +181,13 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         run_meta = md.training_metadata(
             cfg, model_info=info, data_summary=summary, plan=plan,
             num_batches_per_epoch=data.num_batches_per_epoch, optimizer_description=optimizer_description,
-            network_dim=net_cfg.dim, network_alpha=net_cfg.alpha, network_args=net_cfg.args_for_metadata(),
+            network_dim=net_cfg.dim, network_alpha=net_cfg.alpha, network_args=net_cfg.network_args,
             folder_mode=folder_mode,
             session_id=derive_seed(cfg.seed_value, 7) % (2 ** 32) if cfg.seed is not None else None)
         record.set(model={"name": info.name, "family": info.family, "prediction_type": info.prediction_type,
                           "sha256": info.sha256, "legacy_hash": info.legacy_hash},
-                   dataset=_record_dataset(summary, data), network=net_cfg.describe(),
+                   dataset=_record_dataset(summary, data),
+                   network={**dataclasses.asdict(net_cfg), "variant": net_cfg.variant},
                    optimizer=optimizer_description)
 
         def save_lora(path: str, epoch: int, kind: str) -> None:
@@ -415,7 +418,7 @@ def _dims_from_file(net_cfg, path, read_network_file):
     downs = [t for k, t in tensors.items() if k.endswith("lora_down.weight")]
     if not downs:
         raise ConfigError(f"dim_from_weights: {path} holds no lora_down weights")
-    return net_cfg.with_dim(int(downs[0].shape[0]))
+    return dataclasses.replace(net_cfg, dim=int(downs[0].shape[0]))
 
 
 def _record_dataset(summary: dict, data) -> dict:
