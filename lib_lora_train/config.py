@@ -134,7 +134,7 @@ class TrainConfig:
     sample_every_n_epochs: int | None = None
     sample_every_n_steps: int | None = None
     sample_at_first: bool = False
-    sample_sampler: str = "dpmsolver++"
+    sample_sampler: str = "dpm++_2m_karras"  # sd-scripts: ddim; ours matches the WebUI's favourite
     # --- this engine's own keys (not in sd-scripts)
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     overwrite: bool = False             # allow replacing the outputs of an earlier run with the same name

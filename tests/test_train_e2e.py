@@ -196,3 +196,22 @@ def test_cli_trains_and_steps_command(ckpt, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["status"] == "done" and printed["outputs"][0].endswith("cli.safetensors")
     assert not any(k.startswith("lora_te") for k in load_file(printed["outputs"][0]))
+
+
+def test_previews_during_training_are_saved_and_recorded(ckpt, tmp_path):
+    make_folder(tmp_path / "data", "1_zkz", 2)
+    (tmp_path / "prompts.txt").write_text("# previews\nzkz, thing --w 64 --h 64 --s 2 --d 5\n"
+                                          "tag1 --n tag2 --w 64 --h 64 --s 2 --d 6 --ss euler_a\n")
+    cfg = base_cfg(ckpt, tmp_path, sample_prompts=str(tmp_path / "prompts.txt"), sample_every_n_epochs=1,
+                   sample_at_first=True)
+    result = train(cfg)
+    rec = read_run_record(result.record_path)
+    assert [s["epoch"] for s in rec["samples"]] == [0, 1, 2]
+    paths = [p for s in rec["samples"] for p in s["paths"]]
+    assert len(paths) == 6 and all(os.path.exists(p) for p in paths)
+    assert os.path.basename(paths[2]).startswith("demo_e000001_00_") and paths[2].endswith("_5.png")
+    with Image.open(paths[3]) as im:
+        assert im.size == (64, 64) and "tag1" in im.info["parameters"]
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        train(base_cfg(ckpt, tmp_path, output_dir=str(tmp_path / "o2"), sample_prompts=str(tmp_path / "prompts.txt"),
+                       sample_every_n_epochs=1, sample_sampler="nope"))

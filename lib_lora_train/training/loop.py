@@ -449,7 +449,9 @@ class _Previews:
         self.cfg, self.model, self.network, self.emit = cfg, model, network, emit
         self.specs = None
         if cfg.sample_prompts:
+            from ..sampling.pipeline import sampler_key
             from ..sampling.prompts import read_prompt_file
+            sampler_key(cfg.sample_sampler)          # an unknown sampler fails now, not after an epoch
             self.specs = read_prompt_file(cfg.sample_prompts)
 
     def due_step(self, step: int) -> bool:
@@ -466,17 +468,14 @@ class _Previews:
         from ..sampling.grid import save_png_with_text
         from ..sampling.pipeline import generate
         folder = os.path.join(self.cfg.output_dir, "sample")
-        self.network.eval()
-        try:
-            images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip,
-                              device=self.model.unet.device, default_sampler=self.cfg.sample_sampler)
-        finally:
-            self.network.train()
+        images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip, device=self.model.unet.device,
+                          default_sampler=self.cfg.sample_sampler, eval_modules=[self.network])
         stamp = time.strftime("%Y%m%d%H%M%S")
         tag = f"e{epoch:06d}" if self.cfg.sample_every_n_epochs or step == 0 else f"{step:06d}"
         paths = []
         for i, (img, spec) in enumerate(zip(images, self.specs)):
-            path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{i:02d}_{stamp}_{spec.seed}.png")
-            save_png_with_text(img, path, {"parameters": spec.prompt})
+            seed = img.info.get("seed", spec.seed)
+            path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{i:02d}_{stamp}_{seed}.png")
+            save_png_with_text(img, path, {"parameters": img.info.get("parameters", spec.prompt)})
             paths.append(path)
         self.emit(Event(SAMPLE, {"paths": paths, "epoch": epoch, "step": step}))
