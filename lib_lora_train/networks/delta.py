@@ -134,6 +134,8 @@ def apply_deltas(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], pa
 
     Returns the names merged. With strict, a layer of that part that the model does not have is an error.
     """
+    if part not in ("unet", "text_encoder"):
+        raise ValueError(f"part must be 'unet' or 'text_encoder', not {part!r}")
     prefix = (UNET_PREFIX if part == "unet" else TE_PREFIX) + "_"
     index = module_index(model, part)
     merged = []
