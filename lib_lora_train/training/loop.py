@@ -217,8 +217,9 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         ga = cfg.gradient_accumulation_steps
         loss_sum, loss_count, recent = 0.0, 0, []
         t_start, step_at_start = time.time(), global_step
-        epoch = first_epoch
+        epoch = completed_epochs = first_epoch
         last_epoch_tensors = None
+        interrupted = False
         for epoch in range(first_epoch, plan.epochs):
             batches = data.batches_for_epoch(epoch)
             steps_done_in_epoch = global_step - epoch * plan.steps_per_epoch
@@ -304,11 +305,14 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                     sampler.make(epoch + 1, global_step)
                 if global_step >= plan.total_steps:
                     break
-                if stop.is_set():
-                    raise Interrupted(f"stopped at step {global_step}")
+                if stop.is_set() and b_index + 1 < len(batches):   # at an epoch's end, finish the epoch first
+                    interrupted = True
+                    break
+            if interrupted:
+                break
 
             # ---------------------------------------------------------- end of epoch
-            done_epochs = epoch + 1
+            done_epochs = completed_epochs = epoch + 1
             emit(Event(EPOCH, {"epoch": done_epochs, "epochs": plan.epochs, "step": global_step,
                                "avg_loss": epoch_loss / max(epoch_count, 1)}))
             last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
@@ -323,7 +327,23 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             if is_last:
                 break
             if stop.is_set():
-                raise Interrupted(f"stopped after epoch {done_epochs}")
+                interrupted = True
+                break
+
+        if interrupted:
+            # A stop request: a resumable state, and the file of the last completed epoch.
+            state_path = save_state(f"{cfg.output_name}-state", completed_epochs)
+            if last_epoch_tensors is not None:
+                ep, step_at, tensors = last_epoch_tensors
+                path = output_file(cfg, f"-{ep:06d}")
+                if not os.path.exists(path):
+                    meta = md.for_save(run_meta, cfg, model_info=info, step=step_at, epoch=ep)
+                    hashes = save_network_file(path, tensors, meta, overwrite=False)
+                    result.outputs.append(path)
+                    emit(Event(SAVED, {"path": path, "epoch": ep, "step": step_at, "kind": "epoch", **hashes}))
+            result.status, result.state_dir, result.steps = "interrupted", state_path, global_step
+            emit(Event(INTERRUPTED, {"step": global_step, "epoch": completed_epochs, "state": state_path}))
+            raise Interrupted(f"stopped at step {global_step}; resume with resume = \"{state_path}\"")
 
         # ---------------------------------------------------------------- the end
         save_lora(output_file(cfg), min(epoch + 1, plan.epochs), "final")
@@ -334,28 +354,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                           "avg_loss": loss_sum / max(loss_count, 1)}))
         return result
 
-    except Interrupted as exc:
-        # A stop request: keep a resumable state and the last completed epoch's file.
-        state_path = None
-        try:
-            if "optimizer" in locals():
-                epoch_done = locals().get("done_epochs", first_epoch) if "stopped after" in str(exc) \
-                    else locals().get("epoch", first_epoch)
-                state_path = save_state(f"{cfg.output_name}-state", epoch_done)
-                leftover = locals().get("last_epoch_tensors")
-                if leftover is not None:
-                    ep, step_at, tensors = leftover
-                    path = output_file(cfg, f"-{ep:06d}")
-                    if not os.path.exists(path):
-                        meta = md.for_save(run_meta, cfg, model_info=info, step=step_at, epoch=ep)
-                        hashes = save_network_file(path, tensors, meta, overwrite=False)
-                        result.outputs.append(path)
-                        emit(Event(SAVED, {"path": path, "epoch": ep, "step": step_at, "kind": "epoch", **hashes}))
-        finally:
-            result.status, result.state_dir = "interrupted", state_path
-            result.steps = locals().get("global_step", 0)
-            emit(Event(INTERRUPTED, {"step": result.steps, "state": state_path, "message": str(exc)}))
-        raise Interrupted(f"{exc}; resume with resume = \"{state_path}\"") from None
+    except Interrupted:
+        raise
     except BaseException as exc:
         emit(Event(ERROR, {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}))
         raise
