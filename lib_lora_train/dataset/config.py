@@ -310,6 +310,10 @@ def _parse_folder_name(name: str) -> tuple[int, str] | None:
         return None
 
 
+# public: the preparation tools (lib_lora_train.prep) check folder names with the same rule
+parse_folder_name = _parse_folder_name
+
+
 def _folder_subsets(base: str, is_reg: bool, arg: str, warnings: list[str]) -> list[dict[str, Any]]:
     if not os.path.isdir(base):
         raise DataError(f"{arg} does not exist or is not a folder: {base}")

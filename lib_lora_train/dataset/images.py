@@ -157,3 +157,9 @@ def random_crop_offsets(item, rng: random.Random) -> tuple[int, int]:
     extra_w = item.resized_size[0] - item.bucket[0]
     extra_h = item.resized_size[1] - item.bucket[1]
     return (rng.randint(0, extra_w) if extra_w > 0 else 0, rng.randint(0, extra_h) if extra_h > 0 else 0)
+
+
+# Public names for the preparation tools (lib_lora_train.prep), which must rotate images exactly as training does.
+exif_orientation = _orientation
+ORIENTATION_OPS = _ORIENTATION_OPS
+TRANSPOSED_ORIENTATIONS = _TRANSPOSED_ORIENTATIONS

@@ -1,0 +1,98 @@
+"""Run one function over many files on all cores, results in input order, a dead worker never a crash.
+
+Processes, not threads: decoding, resizing and PNG encoding hold the GIL in places, and a crash or an
+out-of-memory in one worker must not take the host (the WebUI) down. `fork` is used when it is safe (Linux, no
+other thread running, CUDA not initialised); otherwise `spawn`.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Sequence, TypeVar
+
+from ..errors import ConfigError
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int | None, n_jobs: int) -> int:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    n = available_cores() if workers is None else workers
+    return max(1, min(n, n_jobs))
+
+
+def _start_method(requested: str | None) -> str:
+    methods = multiprocessing.get_all_start_methods()
+    if requested is not None:
+        if requested not in methods:
+            raise ConfigError(f"start_method '{requested}' is not available here; use one of {', '.join(methods)}")
+        return requested
+    torch = sys.modules.get("torch")
+    cuda_busy = bool(torch is not None and getattr(torch, "cuda", None) is not None
+                     and torch.cuda.is_initialized())
+    if "fork" in methods and threading.active_count() == 1 and not cuda_busy:
+        return "fork"
+    return "spawn"
+
+
+def _init_worker() -> None:
+    # this process is ours: make sure a truncated file raises here even if the host relaxed it for itself
+    from PIL import ImageFile
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int | None = None,
+             start_method: str | None = None, on_result: Callable[[int, R], None] | None = None,
+             stop: threading.Event | None = None, on_lost: Callable[[J, str], R]) -> list[R]:
+    """`[fn(job) for job in jobs]` over a process pool (in-process when one worker is enough).
+
+    `fn` must be a module-level function that never raises for a bad file. `on_lost(job, why)` makes the result
+    for a job whose worker died or that was not run because `stop` was set.
+    """
+    n = resolve_workers(workers, len(jobs))
+    results: list[Any] = [None] * len(jobs)
+    if n <= 1:
+        for i, job in enumerate(jobs):
+            if stop is not None and stop.is_set():
+                results[i] = on_lost(job, "stopped before this file")
+            else:
+                try:
+                    results[i] = fn(job)
+                except Exception as exc:  # noqa: BLE001 - one file must never stop the others
+                    results[i] = on_lost(job, f"unexpected error {type(exc).__name__}: {exc}")
+            if on_result is not None:
+                on_result(i, results[i])
+        return results
+    ctx = multiprocessing.get_context(_start_method(start_method))
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        for i, fut in enumerate(futures):
+            if stop is not None and stop.is_set():
+                for f in futures[i:]:
+                    f.cancel()
+            if fut.cancelled():
+                results[i] = on_lost(jobs[i], "stopped before this file")
+            else:
+                try:
+                    results[i] = fut.result()
+                except BrokenProcessPool:
+                    results[i] = on_lost(jobs[i], "the worker process died (out of memory or a crash in a "
+                                                  "decoder) while this or another file was being processed")
+                except Exception as exc:  # noqa: BLE001 - one file must never stop the others
+                    results[i] = on_lost(jobs[i], f"unexpected error {type(exc).__name__}: {exc}")
+            if on_result is not None:
+                on_result(i, results[i])
+    return results
