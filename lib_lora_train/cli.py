@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--no-bar", action="store_true")
     d.set_defaults(func=cmd_demo)
+    from .prep.cli import register as register_prep
+    register_prep(sub)
     return p
 
 

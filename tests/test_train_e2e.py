@@ -174,7 +174,7 @@ def test_interrupt_mid_epoch_leaves_resumable_state_and_last_epoch_file(ckpt, tm
 def test_bad_inputs_give_named_errors_and_exit_codes(ckpt, tmp_path, capsys):
     # images lying directly in train_data_dir: the most common folder mistake
     make_folder(tmp_path, "data", 2)
-    with pytest.raises(DataError, match="parent"):
+    with pytest.raises(DataError, match="lie directly in .* move them into a new folder"):
         train(base_cfg(ckpt, tmp_path))
     assert cli_main(["train", "--pretrained_model_name_or_path", ckpt, "--train_data_dir",
                      str(tmp_path / "data"), "--output_dir", str(tmp_path / "o")]) == 2

@@ -10,7 +10,7 @@ import torch
 from ..config import TrainConfig
 from ..dataset import (LatentCache, TrainingData, datasets_from_config_file, datasets_from_folders,
                        load_item_tensor, plan_steps_for_data, process_caption, random_crop_offsets)
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..events import LOG, WARNING, Event
 
 # TrainConfig fields that are dataset options under the same sd-scripts names.
@@ -37,7 +37,24 @@ def datasets_for_config(cfg: TrainConfig):
     return datasets_from_folders(cfg.train_data_dir, cfg.reg_data_dir, general), True
 
 
+def _check_folders(cfg: TrainConfig, emit) -> None:
+    """The dataset check (`python -m lib_lora_train check`) before every folder-mode run."""
+    from ..prep.check import check_dataset
+    report = check_dataset(cfg.train_data_dir, cfg.reg_data_dir, caption_extension=cfg.caption_extension,
+                           workers=1, with_summary=False,
+                           min_side=min(256, *cfg.resolution_wh))   # smaller is fine when training small
+    if not report.can_train:
+        raise DataError(report.summary_text())
+    if emit is not None:
+        for issue in report.all_issues:
+            if issue.severity != "info":
+                where = f"{issue.path}: " if issue.path else ""
+                emit(Event(WARNING, {"message": f"{where}{issue.message}", "code": issue.code}))
+
+
 def build_training_data(cfg: TrainConfig, emit=None):
+    if not cfg.dataset_config and cfg.train_data_dir:
+        _check_folders(cfg, emit)
     datasets, folder_mode = datasets_for_config(cfg)
     data = TrainingData(datasets, seed=cfg.seed_value)
     data.set_prior_loss_weight(cfg.prior_loss_weight)
