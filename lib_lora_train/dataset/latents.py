@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..fsutil import atomic_write_bytes
 from ..errors import DataError, ModelError
 from .images import load_item_tensor
 
@@ -44,16 +44,8 @@ def _file_identity(path: str) -> tuple[int, int]:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # no fsync: a damaged cache file is simply encoded again
+    atomic_write_bytes(path, data, sync=False)
 
 
 class LatentCache:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write
 from ..errors import ModelError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -126,18 +126,8 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
         raise ModelError(f"safetensors metadata keys and values must be strings: {bad[:5]}")
     tensors = _independent_tensors(state_dict)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta or None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(p.parent)
+    atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta or None), overwrite=overwrite,
+                 exists_error=lambda q: ModelError(f"{q} already exists; pass overwrite=True to replace it"))
     return p
 
 
@@ -158,15 +148,3 @@ def _independent_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         out[k] = t
     return out
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform (Windows); the file itself is already synced
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

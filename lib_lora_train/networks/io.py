@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Mapping
 
 import torch
 
+from ..fsutil import atomic_write_bytes
 from ..errors import ConfigError, ModelError
 
 _LEGACY_OFFSET = 0x100000   # sd-webui-additional-networks' old hash: 64 KiB at 1 MiB
@@ -68,38 +68,11 @@ def save_network_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     meta["sshs_legacy_hash"] = legacy_hash
     data = _serialize(tensors, meta)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and os.path.exists(path):
-            raise ConfigError(f"{path} exists already (set overwrite to replace it)")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    atomic_write_bytes(path, data, overwrite=overwrite,
+                       exists_error=lambda p: ConfigError(f"{p} exists already (set overwrite to replace it)"))
     return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
 
 
-def _fsync_dir(folder: str) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
