@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     from .prep.cli import register as register_prep
     register_prep(sub)
+    from .tools.cli import register as register_tools
+    register_tools(sub)
     return p
 
 

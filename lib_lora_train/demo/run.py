@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_dict
-from ..errors import ModelError
 
 BASE_MODEL = Path(__file__).with_name("tiny_base.safetensors")
 
@@ -50,14 +49,20 @@ def run_demo(out: str | os.PathLike = "demo_out", *, bar: bool = True, settings:
     from ..training.loop import train
     from .toy import demo_prompts, make_toy_dataset
 
-    if not BASE_MODEL.exists():
-        raise ModelError(f"the demo base model {BASE_MODEL} is missing; rebuild it with "
-                         f"`python -m lib_lora_train.demo.pretrain`")
     torch.set_num_threads(1)   # tiny models: one thread beats two on a 2-core machine
     out = Path(out).resolve()
+    base = BASE_MODEL
+    if not base.exists():
+        # The pre-trained base is not built yet: fall back to random weights, and say so.
+        from ..models import write_tiny_checkpoint
+        base = out / "tiny_random_base.safetensors"
+        if not base.exists():
+            write_tiny_checkpoint(str(base), seed=0)
+        print(f"note: {BASE_MODEL.name} is missing (build it with `python -m lib_lora_train.demo.pretrain`); "
+              f"using a tiny RANDOM-weight base model, so the grid shows a change, not a recognisable star")
     data_root = make_toy_dataset(out / "data")
     values = {**DEMO_SETTINGS, **(settings or {}),
-              "pretrained_model_name_or_path": str(BASE_MODEL), "train_data_dir": str(data_root),
+              "pretrained_model_name_or_path": str(base), "train_data_dir": str(data_root),
               "output_dir": str(out / "lora")}
     cfg = config_from_dict(values)
     t0 = time.time()
@@ -65,7 +70,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, bar: bool = True, settings:
     train_seconds = time.time() - t0
 
     # Before/after: the same prompts and seeds, without the LoRA and with each saved epoch.
-    model = load_sd_model(str(BASE_MODEL))
+    model = load_sd_model(str(base))
     net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args)
     network = create_network(net_cfg, model.unet, model.text_encoder)
     specs = [parse_prompt_line(line) for line in demo_prompts()]

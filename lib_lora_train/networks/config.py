@@ -11,12 +11,13 @@ NETWORK_MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 ALGOS = ("lora", "loha", "lokr", "dylora", "ia3")
 
 # Keys that sd-scripts accepts and a later issue will implement: refuse them rather than ignore them.
-_LATER = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
-          "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-          "loraplus_text_encoder_lr_ratio")
+_LATER = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+# Block-weight (分层) options: networks.lora only, as in sd-scripts (see _block_weights).
+_BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+               "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 
 _VALID_KEYS = {
-    "networks.lora": ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout"),
+    "networks.lora": ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout") + _BLOCK_KEYS,
     "networks.dylora": ("unit", "conv_dim", "conv_alpha"),
     "lycoris.kohya": ("algo", "preset", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
                       "factor", "decompose_both", "use_tucker", "use_scalar", "bypass_mode", "block_size",
@@ -49,12 +50,20 @@ class NetworkConfig:
     train_unet: bool = True
     train_text_encoder: bool = True
     network_args: dict[str, str] = field(default_factory=dict)   # as given, for ss_network_args
+    # Block weights (networks.lora): one value per sd-scripts SD1 slot (25, see tools/blocks.py). With block_dims
+    # set, U-Net Linear / 1x1 layers take their rank / alpha from their slot, k×k convs from conv_block_dims
+    # (None: k×k convs are not adapted), and a slot of rank 0 gets no module. The text encoder keeps dim / alpha.
+    block_dims: list[int] | None = None
+    block_alphas: list[float] | None = None
+    conv_block_dims: list[int] | None = None
+    conv_block_alphas: list[float] | None = None
+    block_lr_weight: list[float] | None = None   # per-slot lr multiplier: U-Net groups "unet_block{slot}"
 
     @property
     def variant(self) -> str:
         """Human name: LoRA-LierLa, LoRA-C3Lier, LoHa, LoKr, DyLoRA, IA3."""
         if self.algo == "lora":
-            return "LoRA-C3Lier" if self.conv_dim else "LoRA-LierLa"
+            return "LoRA-C3Lier" if (self.conv_dim or self.conv_block_dims) else "LoRA-LierLa"
         return {"loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA", "ia3": "IA3"}[self.algo]
 
 
@@ -134,7 +143,10 @@ def network_config_from_args(network_module: str | None, network_dim: int | None
     valid = _VALID_KEYS[module]
     for key in args:
         if key in _LATER:
-            raise ConfigError(f"network_args {key}: block-weight / LoRA+ options are not implemented yet")
+            raise ConfigError(f"network_args {key}: LoRA+ options are not implemented yet")
+        if key in _BLOCK_KEYS and module != "networks.lora":
+            raise ConfigError(f"network_args {key}: block weights are supported by networks.lora only "
+                              f"(as in sd-scripts), not by {module}")
         if key not in valid:
             if key == "dropout":
                 hint = " (use network_dropout)"
@@ -156,10 +168,11 @@ def network_config_from_args(network_module: str | None, network_dim: int | None
             cfg.conv_dim = _int("conv_dim", args["conv_dim"], minimum=1)
             cfg.conv_alpha = _float("conv_alpha", args["conv_alpha"]) if "conv_alpha" in args else 1.0
             cfg.preset = "c3lier"
-        elif "conv_alpha" in args:
+        elif "conv_alpha" in args and "conv_block_dims" not in args:
             raise ConfigError("network_args conv_alpha needs conv_dim (LoRA-C3Lier)")
         else:
             cfg.preset = "lierla"
+        _block_weights(cfg, args)
     elif module == "networks.dylora":
         cfg.algo = "dylora"
         cfg.unit = _int("unit", args.get("unit", "1"), minimum=1)
@@ -227,3 +240,50 @@ def _lycoris(cfg: NetworkConfig, args: dict[str, str], network_dropout: float | 
             raise ConfigError("algo=dylora does not support dropout")
         if cfg.use_tucker or cfg.use_scalar:
             raise ConfigError("algo=dylora does not support use_tucker / use_scalar")
+
+
+def _block_weights(cfg: NetworkConfig, args: dict[str, str]) -> None:
+    """block_dims / block_alphas / conv_block_dims / conv_block_alphas / *_lr_weight (sd-scripts semantics).
+
+    Block mode starts when any of these is given (sd-scripts starts it only for block_dims or an lr weight and
+    then silently ignores the alphas and conv_block_dims; here they take effect). Missing per-slot lists default
+    to network_dim / network_alpha (conv: conv_dim / conv_alpha, or 1.0 as in sd-scripts). A slot whose lr
+    weight is 0 (or at most block_lr_zero_threshold) gets rank 0, i.e. no module.
+    """
+    from ..tools.blocks import NUM_SLOTS, block_lr_weights, slot_values
+
+    threshold = _float("block_lr_zero_threshold", args["block_lr_zero_threshold"]) \
+        if "block_lr_zero_threshold" in args else 0.0
+    lr = block_lr_weights(args.get("down_lr_weight"), args.get("mid_lr_weight"), args.get("up_lr_weight"),
+                          threshold)
+    if lr is None and "block_lr_zero_threshold" in args:
+        raise ConfigError("network_args block_lr_zero_threshold needs down_lr_weight, mid_lr_weight or up_lr_weight")
+    dims_given = any(k in args for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"))
+    if lr is None and not dims_given:
+        return
+    dims = slot_values("block_dims", args["block_dims"], int) if "block_dims" in args else [cfg.dim] * NUM_SLOTS
+    alphas = (slot_values("block_alphas", args["block_alphas"], float) if "block_alphas" in args
+              else [cfg.alpha] * NUM_SLOTS)
+    conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else (
+        _float("conv_alpha", args["conv_alpha"]) if "conv_alpha" in args else 1.0)
+    if "conv_block_dims" in args:
+        conv_dims = slot_values("conv_block_dims", args["conv_block_dims"], int)
+    elif cfg.conv_dim is not None:
+        conv_dims = [cfg.conv_dim] * NUM_SLOTS
+    else:
+        conv_dims = None
+        if "conv_block_alphas" in args:
+            raise ConfigError("network_args conv_block_alphas needs conv_block_dims or conv_dim")
+    conv_alphas = None
+    if conv_dims is not None:
+        conv_alphas = (slot_values("conv_block_alphas", args["conv_block_alphas"], float)
+                       if "conv_block_alphas" in args else [conv_alpha] * NUM_SLOTS)
+        cfg.conv_alpha = conv_alpha
+        cfg.preset = "c3lier"
+    if lr is not None:
+        dims = [0 if w == 0 else d for d, w in zip(dims, lr)]
+        if conv_dims is not None:
+            conv_dims = [0 if w == 0 else d for d, w in zip(conv_dims, lr)]
+    cfg.block_dims, cfg.block_alphas = dims, alphas
+    cfg.conv_block_dims, cfg.conv_block_alphas = conv_dims, conv_alphas
+    cfg.block_lr_weight = lr

@@ -90,7 +90,10 @@ def _kohya_locon_class():
 
 
 def _make_adapter(cfg: NetworkConfig, t: Target, multiplier: float) -> torch.nn.Module:
-    dim, alpha = (cfg.conv_dim, cfg.conv_alpha) if t.kxk else (cfg.dim, cfg.alpha)
+    if "dim" in t.options:     # per-block rank / alpha (block weights)
+        dim, alpha = t.options["dim"], t.options["alpha"]
+    else:
+        dim, alpha = (cfg.conv_dim, cfg.conv_alpha) if t.kxk else (cfg.dim, cfg.alpha)
     if cfg.algo == "dylora":
         return DyLoRAModule(t.name, t.module, dim, alpha, cfg.unit, multiplier)
     _, LohaModule, LokrModule, IA3Module = _lycoris()
@@ -210,24 +213,39 @@ class Network(torch.nn.Module):
         """
         groups = []
         for part, lr in (("text_encoder", text_encoder_lr), ("unet", unet_lr)):
-            adapters = self._adapters_for(part)
-            if not adapters:
+            names = self.names_for(part)
+            if not names:
                 continue
             lr = default_lr if lr is None else lr
             if lr is None:
                 raise ConfigError(f"no learning rate for the {part} part of the network")
-            frozen = float(lr) == 0.0
-            params = []
-            for adapter in adapters:
-                if isinstance(adapter, DyLoRAModule):
-                    adapter.frozen = frozen
-                    adapter.set_chunk(adapter.chunk_start)
-                else:
-                    adapter.requires_grad_(not frozen)
-                params.extend(adapter.parameters())
-            if not frozen:
-                groups.append({"params": params, "lr": float(lr), "name": part})
+            weights = self.config.block_lr_weight
+            if part == "unet" and weights is not None:
+                # sd-scripts: one group per block, "unet_block{slot}", lr = unet lr x the block's weight
+                from ..tools.blocks import block_index
+                by_slot: dict[int, list[str]] = {}
+                for n in names:
+                    by_slot.setdefault(block_index(n), []).append(n)
+                for slot in sorted(by_slot):
+                    weight = weights[slot] if slot >= 0 else 1.0
+                    groups += self._group(by_slot[slot], float(lr) * weight, f"unet_block{slot}")
+            else:
+                groups += self._group(names, float(lr), part)
         return groups
+
+    def _group(self, names: list[str], lr: float, label: str) -> list[dict]:
+        """One optimizer group; with lr 0 its adapters are frozen and no group is made."""
+        frozen = lr == 0.0
+        params = []
+        for n in names:
+            adapter = self.adapters[n]
+            if isinstance(adapter, DyLoRAModule):
+                adapter.frozen = frozen
+                adapter.set_chunk(adapter.chunk_start)
+            else:
+                adapter.requires_grad_(not frozen)
+            params.extend(adapter.parameters())
+        return [] if frozen else [{"params": params, "lr": lr, "name": label}]
 
     def before_step(self, generator: torch.Generator | None = None) -> None:
         """Per-step choices: DyLoRA draws the trained rank chunk (the same chunk index for all layers)."""
@@ -318,8 +336,38 @@ def create_network(cfg: NetworkConfig, unet: torch.nn.Module | None, text_encode
         if unet is None:
             raise ConfigError("train_unet is on but no U-Net was given")
         targets += find_targets(unet, "unet", cfg.preset)
-    if cfg.conv_dim is None:
+    if cfg.block_dims is not None:
+        targets = _block_targets(cfg, targets)
+    elif cfg.conv_dim is None:
         targets = [t for t in targets if not t.kxk]
     if not targets:
         raise ConfigError(f"preset {cfg.preset!r} adapts no layer of the parts being trained")
     return Network(cfg, targets, multiplier)
+
+
+def _block_targets(cfg: NetworkConfig, targets: list[Target]) -> list[Target]:
+    """Per-block rank / alpha for the U-Net targets (sd-scripts' 25 SD1 slots); a rank of 0 drops the layer.
+
+    Text-encoder layers and U-Net layers outside every slot keep network_dim / network_alpha (conv_dim /
+    conv_alpha for k×k convs).
+    """
+    from ..tools.blocks import block_index
+
+    kept = []
+    for t in targets:
+        slot = block_index(t.name) if t.part == "unet" else -1
+        if slot < 0:
+            if t.kxk and cfg.conv_dim is None:
+                continue
+            kept.append(t)
+            continue
+        if t.kxk:
+            if cfg.conv_block_dims is None:
+                continue
+            dim, alpha = cfg.conv_block_dims[slot], cfg.conv_block_alphas[slot]
+        else:
+            dim, alpha = cfg.block_dims[slot], cfg.block_alphas[slot]
+        if dim:
+            t.options.update(dim=int(dim), alpha=float(alpha))
+            kept.append(t)
+    return kept
