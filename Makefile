@@ -3,9 +3,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo test test-current test-webui bench clean
+.PHONY: demo ui test test-current test-webui browser bench clean
 
-# Current releases: the command line and the standalone page.
+# Current releases: the command line and the engine.
 .venv/.ok: requirements/current.txt requirements/test.txt
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install $(PIP_FLAGS) $(TORCH)
@@ -25,7 +25,21 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 demo: .venv/.ok
 	.venv/bin/python -m lib_lora_train demo --out demo_out
 
-test: test-current test-webui
+# The standalone page: the same tab as in the WebUI, on the embedded tiny model, at http://127.0.0.1:7861
+ui: .venv-webui/.ok
+	.venv-webui/bin/python -m lib_lora_train ui --host 127.0.0.1 --port 7861
+
+test: browser test-current test-webui
+
+# The real-browser test drives Debian's chromium (never a downloaded browser build). Installed when missing and
+# when apt-get can (root); without it that one test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || \
+	  echo "chromium/chromedriver not installed: the browser test will be skipped"
 
 test-current: .venv/.ok
 	.venv/bin/python -m pytest -q tests

@@ -21,6 +21,7 @@ LOG = "log"                # message (progress of slow preparation: loading, cac
 ERROR = "error"            # message, type
 INTERRUPTED = "interrupted"  # step, epoch, state (path)
 DONE = "done"              # outputs, steps, seconds
+PROGRESS = "progress"      # tools (merge, extract, ...): tool, stage, done, total, message
 
 
 @dataclass

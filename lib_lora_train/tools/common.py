@@ -13,10 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError, Interrupted
-from ..events import LOG, WARNING, Event, EventSink
-
-# Event kind of tool progress (the training kinds live in events.py): data = stage, done, total, message.
-PROGRESS = "progress"
+from ..events import LOG, PROGRESS, WARNING, Event, EventSink  # noqa: F401 - PROGRESS re-exported
 
 # Our own metadata keys on tool outputs (never ss_*: those enter sd-scripts' legacy hash).
 META_TOOL = "lib_lora_train.tool"        # JSON {"tool", "version", "params"}

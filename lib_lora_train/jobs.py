@@ -1,0 +1,335 @@
+"""Training jobs for the long-lived hosts (the tab, the standalone page, the HTTP API).
+
+A `JobManager` owns one worker thread that runs queued jobs one after another through `training.loop.train`.
+Each `Job` keeps what a page needs to (re)draw itself at any time: status, step, loss curve, log, outputs. A page
+reload or a second browser tab therefore just reads the same Job; nothing lives only in a browser.
+
+Paths are never taken from the caller: the training folder, the output folder and the other location keys come
+from the project name and the host's configured folders; checkpoint / LoRA paths a caller names must lie inside
+the host's folders.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import TrainConfig, config_from_dict
+from .errors import ConfigError, Interrupted, LoraTrainError
+from .events import DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STEP, WARNING, Event, fan_out
+from .hosts.base import Host, inside
+from .hosts import outputs as sidecars
+
+STATUSES = ("queued", "running", "done", "failed", "interrupted")
+# Set from the project; a caller naming them is told so instead of being silently overridden.
+PROJECT_KEYS = ("train_data_dir", "reg_data_dir", "output_dir", "dataset_config", "latents_cache_dir",
+                "logging_dir")
+# Paths a caller may give, each checked to lie inside the host's folders.
+PATH_KEYS = ("pretrained_model_name_or_path", "network_weights", "resume", "sample_prompts", "vae")
+LOG_LINES = 500
+
+
+@dataclass
+class Job:
+    id: str
+    project: str
+    config: dict[str, Any]                     # the sd-scripts keys the run was started with (resolved)
+    output_name: str
+    output_dir: str
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int = 0
+    epochs: int | None = None
+    loss: float | None = None
+    avg_loss: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    error: str | None = None
+    run_id: str | None = None
+    record_path: str | None = None
+    state_dir: str | None = None
+    outputs: list[dict[str, Any]] = field(default_factory=list)   # {"name", "path", "epoch", "step", "kind"}
+    samples: list[dict[str, Any]] = field(default_factory=list)   # {"paths", "epoch", "step"}
+    losses: list[tuple[int, float]] = field(default_factory=list)        # (step, loss) of every step
+    epoch_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, average loss)
+    log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    version: int = 0                           # bumped on every change: pages redraw only when it moves
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def to_dict(self, *, curve: bool = False, log: bool = False) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in (
+            "id", "project", "status", "created", "started", "finished", "step", "total_steps", "epoch", "epochs",
+            "loss", "avg_loss", "it_per_s", "eta_s", "error", "run_id", "record_path", "state_dir", "output_name",
+            "output_dir", "version")}
+        d["outputs"] = [dict(o) for o in self.outputs]
+        d["samples"] = [dict(s) for s in self.samples]
+        d["epoch_losses"] = [list(p) for p in self.epoch_losses]
+        if curve:
+            d["losses"] = [list(p) for p in self.losses]
+        if log:
+            d["log"] = list(self.log)
+        d["config"] = dict(self.config)
+        return d
+
+
+def _lines(event: Event) -> str | None:
+    d = event.data
+    if event.kind in (LOG, WARNING):
+        return ("warning: " if event.kind == WARNING else "") + str(d.get("message", ""))
+    if event.kind == ERROR:
+        return f"error: {d.get('message')}"
+    if event.kind == START:
+        return f"{d.get('total_steps')} steps: {d.get('formula', '')}"
+    if event.kind == EPOCH:
+        return f"epoch {d.get('epoch')}/{d.get('epochs')} done, average loss {d.get('avg_loss', 0):.4f}"
+    if event.kind == SAVED:
+        return f"saved {os.path.basename(str(d.get('path')))}"
+    if event.kind == INTERRUPTED:
+        return f"interrupted at step {d.get('step')}; resumable state in {d.get('state')}"
+    if event.kind == DONE:
+        return f"done: {d.get('steps')} steps"
+    return None
+
+
+class JobManager:
+    def __init__(self, host: Host, *, runner: Callable | None = None, preferred_weight: float = 1.0):
+        self.host = host
+        self._runner = runner          # tests pass a fake; None = training.loop.train
+        self.preferred_weight = preferred_weight
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+        self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. a page pushing updates
+
+    # ------------------------------------------------------------ queries
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    def list(self, project: str | None = None) -> list[Job]:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return sorted([j for j in jobs if project is None or j.project == project], key=lambda j: j.created,
+                      reverse=True)
+
+    def current(self) -> Job | None:
+        """The running job, else the newest queued one, else None."""
+        jobs = self.list()
+        running = [j for j in jobs if j.status == "running"]
+        queued = [j for j in jobs if j.status == "queued"]
+        return running[0] if running else (queued[-1] if queued else None)
+
+    # ------------------------------------------------------------ building a run
+    def resolve_config(self, project: str, config: dict[str, Any]) -> TrainConfig:
+        """The run's full TrainConfig: host defaults, then the caller's keys, then the project's folders.
+        Raises ConfigError with a message a user can act on."""
+        if not isinstance(config, dict):
+            raise ConfigError("config must be an object of sd-scripts option names and values")
+        from .prep.project import is_project, open_project
+
+        root = self.host.paths.project_dir(project)
+        if not is_project(root):
+            raise ConfigError(f"project '{project}' does not exist in {self.host.paths.projects}")
+        given = [k for k in config if k.replace("-", "_") in PROJECT_KEYS]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: set from the project's folders; leave {'it' if len(given) == 1 else 'them'} out")
+        roots = self.host.paths.allowed_roots()
+        for key in PATH_KEYS:
+            value = config.get(key)
+            if value:
+                path = os.path.abspath(str(value))
+                if not inside(path, roots):
+                    raise ConfigError(f"{key}: {value} is outside the folders this host may read "
+                                      f"({', '.join(roots)})")
+        proj = open_project(root)
+        values = dict(self.host.base_config())
+        values.update(config)
+        values["train_data_dir"] = proj.train_dir
+        if proj.folders(reg=True):
+            values["reg_data_dir"] = proj.reg_dir
+        out_dir = self.host.paths.output_dir(project)
+        values["output_dir"] = out_dir
+        if not config.get("output_name"):
+            values["output_name"] = self._free_name(out_dir, proj.name, values.get("resume"))
+        cfg = config_from_dict(values)
+        if not proj.folders():
+            raise ConfigError(f"project '{project}' has no training images yet (import some first)")
+        return cfg
+
+    def _free_name(self, out_dir: str, base: str, resume: Any) -> str:
+        """The project's name, or name_v2, name_v3, ... so a new run never collides with an earlier one."""
+        taken = {j.output_name for j in self.list() if j.output_dir == out_dir and j.active}
+        name, n = base, 1
+        while name in taken or (not resume and os.path.exists(os.path.join(out_dir, name + ".run.json"))):
+            n += 1
+            name = f"{base}_v{n}"
+        return name
+
+    # ------------------------------------------------------------ control
+    def submit(self, project: str, config: dict[str, Any]) -> Job:
+        cfg = self.resolve_config(project, config)
+        job = Job(uuid.uuid4().hex[:12], project, cfg.to_dict(), cfg.output_name, cfg.output_dir)
+        with self._lock:
+            clash = [j for j in self._jobs.values() if j.active and j.output_dir == job.output_dir
+                     and j.output_name == job.output_name]
+            if clash:
+                raise ConfigError(f"output_name '{job.output_name}' is used by job {clash[0].id}, still "
+                                  f"{clash[0].status}")
+            self._jobs[job.id] = job
+            self._queue.append(job.id)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="lora-train-jobs", daemon=True)
+                self._worker.start()
+            self._wake.notify_all()
+        job.log.append(f"queued as {job.output_name} in {job.output_dir}")
+        return job
+
+    def stop(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.status == "queued":
+                self._queue.remove(job.id)
+                job.status, job.finished = "interrupted", time.time()
+                job.log.append("removed from the queue before it started")
+                job.version += 1
+        job.stop_event.set()
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        job = self.get(job_id)
+        end = None if timeout is None else time.time() + timeout
+        while job.active and (end is None or time.time() < end):
+            time.sleep(0.05)
+        return job
+
+    # ------------------------------------------------------------ the worker
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._wake.wait(timeout=60)
+                    if not self._queue:
+                        self._worker = None
+                        return
+                job = self._jobs[self._queue.popleft()]
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        job.status, job.started = "running", time.time()
+        job.version += 1
+        try:
+            cfg = config_from_dict(job.config, TrainConfig())
+            with self.host.training_session(cfg) as model:
+                sink = fan_out([lambda e: self._on_event(job, e), self.host.progress_sink(job, job.stop_event)])
+                runner = self._runner
+                if runner is None:
+                    from .training.loop import train as runner
+                result = runner(cfg, model=model, sink=sink, stop=job.stop_event)
+            job.status = "done"
+            job.record_path = getattr(result, "record_path", None) or job.record_path
+        except Interrupted:
+            job.status = "interrupted"
+        except LoraTrainError as exc:
+            job.status, job.error = "failed", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a job's failure is reported on the job, the host lives on
+            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.finished = time.time()
+            if job.error:
+                job.log.append(f"error: {job.error}")
+            job.version += 1
+            written = [o["path"] for o in job.outputs]
+            if written:
+                try:
+                    self.host.outputs_written(written)
+                except Exception as exc:  # noqa: BLE001
+                    job.log.append(f"warning: the host could not refresh its LoRA list: {exc}")
+
+    def _on_event(self, job: Job, event: Event) -> None:
+        d = event.data
+        if event.kind == START:
+            job.total_steps, job.epochs, job.run_id = d.get("total_steps"), d.get("epochs"), d.get("run_id")
+        elif event.kind == STEP:
+            job.step, job.epoch = d.get("step", job.step), d.get("epoch", job.epoch)
+            job.loss, job.avg_loss = d.get("loss"), d.get("avg_loss")
+            job.it_per_s, job.eta_s = d.get("it_per_s"), d.get("eta_s")
+            job.total_steps = d.get("total_steps", job.total_steps)
+            if job.loss is not None:
+                job.losses.append((job.step, float(job.loss)))
+        elif event.kind == EPOCH:
+            job.epoch_losses.append((d.get("epoch"), float(d.get("avg_loss") or 0.0)))
+        elif event.kind == SAVED:
+            self._publish(job, d)
+        elif event.kind == SAMPLE:
+            job.samples.append(dict(d))
+            self._preview_for(job, d)
+        elif event.kind == INTERRUPTED:
+            job.state_dir = d.get("state")
+        elif event.kind == ERROR:
+            job.error = d.get("message")
+        line = _lines(event)
+        if line:
+            job.log.append(line)
+        job.version += 1
+        for listener in list(self.listeners):
+            try:
+                listener(job, event)
+            except Exception:  # noqa: BLE001 - a page going away must not stop training
+                pass
+
+    def _publish(self, job: Job, d: dict[str, Any]) -> None:
+        """A LoRA file was written: list it, give it its card sidecar and (when a sample exists) a preview."""
+        path = str(d.get("path"))
+        entry = {"name": os.path.splitext(os.path.basename(path))[0], "path": path, "epoch": d.get("epoch"),
+                 "step": d.get("step"), "kind": d.get("kind"), "sshs_model_hash": d.get("sshs_model_hash")}
+        job.outputs = [o for o in job.outputs if o["path"] != path] + [entry]
+        try:
+            from .prep.project import open_project
+            trigger = open_project(self.host.paths.project_dir(job.project)).trigger
+            sidecars.write_sidecar(
+                path, activation_text=trigger, preferred_weight=self.preferred_weight,
+                sd_version_name=sidecars.sd_version(self._base_version(path)),
+                notes=sidecars.run_notes(job.config, epoch=d.get("epoch"), step=d.get("step"), loss=job.avg_loss))
+            if job.samples:
+                last = job.samples[-1]
+                if last.get("paths") and last.get("epoch") == d.get("epoch"):
+                    sidecars.set_preview(path, last["paths"][-1])
+        except Exception as exc:  # noqa: BLE001 - the LoRA is saved; a missing card extra is only a warning
+            job.log.append(f"warning: could not write the card files for {os.path.basename(path)}: {exc}")
+
+    def _preview_for(self, job: Job, d: dict[str, Any]) -> None:
+        paths = d.get("paths") or []
+        if not paths:
+            return
+        for out in job.outputs:
+            if out.get("epoch") == d.get("epoch"):
+                try:
+                    sidecars.set_preview(out["path"], paths[-1])
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _base_version(path: str) -> str | None:
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as fh:
+                return (fh.metadata() or {}).get("ss_base_model_version")
+        except Exception:  # noqa: BLE001
+            return None
