@@ -11,6 +11,7 @@ the host's folders.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
@@ -18,11 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import TrainConfig, config_from_dict
+from .config import ALIASES, TrainConfig, config_from_dict
 from .errors import ConfigError, Interrupted, LoraTrainError
 from .events import DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STEP, WARNING, Event, fan_out
-from .hosts.base import Host, inside
+from .hosts.base import Host, inside, safe_child
 from .hosts import outputs as sidecars
+from .record import record_paths
 
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 # Set from the project; a caller naming them is told so instead of being silently overridden.
@@ -31,6 +33,34 @@ PROJECT_KEYS = ("train_data_dir", "reg_data_dir", "output_dir", "dataset_config"
 # Paths a caller may give, each checked to lie inside the host's folders.
 PATH_KEYS = ("pretrained_model_name_or_path", "network_weights", "resume", "sample_prompts", "vae")
 LOG_LINES = 500
+# Not an engine event: the manager tells its listeners when a job changes status (data: status, error).
+JOB_STATUS = "job_status"
+
+
+class ProjectNotFound(ConfigError):
+    """The named project has no folder (an HTTP API answers 404)."""
+
+
+class JobConflict(ConfigError):
+    """The request clashes with existing runs: an output name with files, or in use by a queued job (HTTP 409)."""
+
+
+def canonical_key(key: str) -> str:
+    """The option name config_from_dict will use for `key` (dashes and sd-scripts' misspellings folded)."""
+    k = str(key).replace("-", "_")
+    return ALIASES.get(k, k)
+
+
+def name_taken(out_dir: str, name: str) -> bool:
+    """Whether `out_dir` holds files of a run called `name` (the files train() refuses to replace)."""
+    if not os.path.isdir(out_dir):
+        return False
+    for n in os.listdir(out_dir):
+        if n in (name + ".safetensors", name + ".ckpt", name + ".pt", name + ".run.json"):
+            return True
+        if n.startswith(name + "-") and n.endswith(".safetensors") and n[len(name) + 1:-12].isdigit():
+            return True
+    return False
 
 
 @dataclass
@@ -60,6 +90,8 @@ class Job:
     samples: list[dict[str, Any]] = field(default_factory=list)   # {"paths", "epoch", "step"}
     losses: list[tuple[int, float]] = field(default_factory=list)        # (step, loss) of every step
     epoch_losses: list[tuple[int, float]] = field(default_factory=list)  # (epoch, average loss)
+    # (epoch, loss on held-out images) from EPOCH events carrying "validation_loss" (the compare issue adds it)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     version: int = 0                           # bumped on every change: pages redraw only when it moves
@@ -76,6 +108,7 @@ class Job:
         d["outputs"] = [dict(o) for o in self.outputs]
         d["samples"] = [dict(s) for s in self.samples]
         d["epoch_losses"] = [list(p) for p in self.epoch_losses]
+        d["validation_losses"] = [list(p) for p in self.validation_losses]
         if curve:
             d["losses"] = [list(p) for p in self.losses]
         if log:
@@ -130,7 +163,7 @@ class JobManager:
                       reverse=True)
 
     def current(self) -> Job | None:
-        """The running job, else the newest queued one, else None."""
+        """The running job, else the next queued one, else None."""
         jobs = self.list()
         running = [j for j in jobs if j.status == "running"]
         queued = [j for j in jobs if j.status == "queued"]
@@ -139,45 +172,66 @@ class JobManager:
     # ------------------------------------------------------------ building a run
     def resolve_config(self, project: str, config: dict[str, Any]) -> TrainConfig:
         """The run's full TrainConfig: host defaults, then the caller's keys, then the project's folders.
-        Raises ConfigError with a message a user can act on."""
+        Raises ConfigError with a message a user can act on (ProjectNotFound for an unknown project)."""
         if not isinstance(config, dict):
             raise ConfigError("config must be an object of sd-scripts option names and values")
         from .prep.project import is_project, open_project
 
         root = self.host.paths.project_dir(project)
         if not is_project(root):
-            raise ConfigError(f"project '{project}' does not exist in {self.host.paths.projects}")
-        given = [k for k in config if k.replace("-", "_") in PROJECT_KEYS]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: set from the project's folders; leave {'it' if len(given) == 1 else 'them'} out")
+            raise ProjectNotFound(f"project '{project}' does not exist in {self.host.paths.projects}")
+        # Keys as config_from_dict will read them, so no spelling slips past the checks below.
+        given: dict[str, Any] = {}
+        for key, value in config.items():
+            if canonical_key(key) in PATH_KEYS and value in (None, ""):
+                continue   # "no path" means the host's default (e.g. the loaded checkpoint), not an empty one
+            given[canonical_key(key)] = value
+        named = [k for k in config if canonical_key(k) in PROJECT_KEYS]
+        if named:
+            raise ConfigError(f"{', '.join(named)}: set from the project's folders; leave "
+                              f"{'it' if len(named) == 1 else 'them'} out")
         roots = self.host.paths.allowed_roots()
         for key in PATH_KEYS:
-            value = config.get(key)
+            value = given.get(key)
             if value:
-                path = os.path.abspath(str(value))
+                path = os.path.abspath(os.path.expanduser(str(value)))
                 if not inside(path, roots):
                     raise ConfigError(f"{key}: {value} is outside the folders this host may read "
                                       f"({', '.join(roots)})")
+                given[key] = path
         proj = open_project(root)
         values = dict(self.host.base_config())
-        values.update(config)
+        values.update(given)
         values["train_data_dir"] = proj.train_dir
         if proj.folders(reg=True):
             values["reg_data_dir"] = proj.reg_dir
         out_dir = self.host.paths.output_dir(project)
         values["output_dir"] = out_dir
-        if not config.get("output_name"):
-            values["output_name"] = self._free_name(out_dir, proj.name, values.get("resume"))
+        explicit = bool(given.get("output_name"))
+        if explicit:
+            name = str(given["output_name"]).strip()
+            safe_child(out_dir, name, what="output_name")   # a plain file name: the output stays in out_dir
+            values["output_name"] = name
+        elif given.get("resume"):
+            # Resuming continues that run's files and record: its name is in the state folder's name.
+            state = os.path.basename(os.path.normpath(str(given["resume"])))
+            m = re.match(r"(?P<name>.+?)(?:-\d+|-step\d+)?-state$", state)
+            values["output_name"] = m.group("name") if m else proj.name
+        else:
+            values["output_name"] = self._free_name(out_dir, proj.name)
         cfg = config_from_dict(values)
+        if explicit and not cfg.resume and not cfg.overwrite and name_taken(out_dir, cfg.output_name):
+            raise JobConflict(f"output_name '{cfg.output_name}' already has files in {out_dir}; choose another "
+                              f"name, leave output_name out for a free one, or resume that run")
         if not proj.folders():
             raise ConfigError(f"project '{project}' has no training images yet (import some first)")
         return cfg
 
-    def _free_name(self, out_dir: str, base: str, resume: Any) -> str:
+    def _free_name(self, out_dir: str, base: str) -> str:
         """The project's name, or name_v2, name_v3, ... so a new run never collides with an earlier one."""
         taken = {j.output_name for j in self.list() if j.output_dir == out_dir and j.active}
         name, n = base, 1
-        while name in taken or (not resume and os.path.exists(os.path.join(out_dir, name + ".run.json"))):
+        while name in taken or name_taken(out_dir, name):
             n += 1
             name = f"{base}_v{n}"
         return name
@@ -186,11 +240,12 @@ class JobManager:
     def submit(self, project: str, config: dict[str, Any]) -> Job:
         cfg = self.resolve_config(project, config)
         job = Job(uuid.uuid4().hex[:12], project, cfg.to_dict(), cfg.output_name, cfg.output_dir)
+        job.record_path = record_paths(cfg.output_dir, cfg.output_name)[0]
         with self._lock:
             clash = [j for j in self._jobs.values() if j.active and j.output_dir == job.output_dir
                      and j.output_name == job.output_name]
             if clash:
-                raise ConfigError(f"output_name '{job.output_name}' is used by job {clash[0].id}, still "
+                raise JobConflict(f"output_name '{job.output_name}' is used by job {clash[0].id}, still "
                                   f"{clash[0].status}")
             self._jobs[job.id] = job
             self._queue.append(job.id)
@@ -202,14 +257,23 @@ class JobManager:
         return job
 
     def stop(self, job_id: str) -> Job:
+        """Stop a job: a queued one leaves the queue at once; a running one stops at the next step boundary
+        (the engine saves a resumable state). A finished job is returned unchanged. KeyError: no such job."""
         job = self.get(job_id)
         with self._lock:
-            if job.status == "queued":
+            if not job.active:
+                return job
+            queued = job.status == "queued" and job.id in self._queue
+            if queued:
                 self._queue.remove(job.id)
                 job.status, job.finished = "interrupted", time.time()
                 job.log.append("removed from the queue before it started")
                 job.version += 1
-        job.stop_event.set()
+            else:
+                job.log.append("stop requested: stopping at the next step")
+            job.stop_event.set()
+        if queued:
+            self._notify(job, Event(JOB_STATUS, {"status": job.status, "error": None}))
         return job
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -229,11 +293,14 @@ class JobManager:
                         self._worker = None
                         return
                 job = self._jobs[self._queue.popleft()]
+                # Under the lock: stop() sees either a queued job still in the queue or a running one.
+                job.status, job.started = "running", time.time()
+                job.version += 1
+            self._notify(job, Event(JOB_STATUS, {"status": "running", "error": None}))
             self._run(job)
 
     def _run(self, job: Job) -> None:
-        job.status, job.started = "running", time.time()
-        job.version += 1
+        status, error = "failed", None
         try:
             cfg = config_from_dict(job.config, TrainConfig())
             with self.host.training_session(cfg) as model:
@@ -242,25 +309,30 @@ class JobManager:
                 if runner is None:
                     from .training.loop import train as runner
                 result = runner(cfg, model=model, sink=sink, stop=job.stop_event)
-            job.status = "done"
+            status = "interrupted" if getattr(result, "status", "done") == "interrupted" else "done"
             job.record_path = getattr(result, "record_path", None) or job.record_path
+            job.state_dir = getattr(result, "state_dir", None) or job.state_dir
         except Interrupted:
-            job.status = "interrupted"
+            status = "interrupted"
         except LoraTrainError as exc:
-            job.status, job.error = "failed", str(exc)
+            error = str(exc)
         except Exception as exc:  # noqa: BLE001 - a job's failure is reported on the job, the host lives on
-            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
         finally:
-            job.finished = time.time()
-            if job.error:
-                job.log.append(f"error: {job.error}")
-            job.version += 1
+            if error:
+                job.error = error
+                job.log.append(f"error: {error}")
             written = [o["path"] for o in job.outputs]
             if written:
                 try:
                     self.host.outputs_written(written)
                 except Exception as exc:  # noqa: BLE001
                     job.log.append(f"warning: the host could not refresh its LoRA list: {exc}")
+            # Last: whoever waits for the status sees a job whose files and host lists are complete.
+            job.finished = time.time()
+            job.status = status
+            job.version += 1
+            self._notify(job, Event(JOB_STATUS, {"status": job.status, "error": job.error}))
 
     def _on_event(self, job: Job, event: Event) -> None:
         d = event.data
@@ -275,6 +347,8 @@ class JobManager:
                 job.losses.append((job.step, float(job.loss)))
         elif event.kind == EPOCH:
             job.epoch_losses.append((d.get("epoch"), float(d.get("avg_loss") or 0.0)))
+            if d.get("validation_loss") is not None:
+                job.validation_losses.append((d.get("epoch"), float(d["validation_loss"])))
         elif event.kind == SAVED:
             self._publish(job, d)
         elif event.kind == SAMPLE:
@@ -288,6 +362,9 @@ class JobManager:
         if line:
             job.log.append(line)
         job.version += 1
+        self._notify(job, event)
+
+    def _notify(self, job: Job, event: Event) -> None:
         for listener in list(self.listeners):
             try:
                 listener(job, event)
