@@ -135,10 +135,20 @@ class TrainConfig:
     sample_every_n_steps: int | None = None
     sample_at_first: bool = False
     sample_sampler: str = "dpm++_2m_karras"  # sd-scripts: ddim; ours matches the WebUI's favourite
+    # --- validation loss (sd-scripts' keys and meaning; see training/evaluate.py)
+    validation_split: float = 0.0       # fraction of each dataset's training images held out (never reg images)
+    validation_seed: int | None = None  # seed of the split's shuffle and of the fixed noise (default: seed)
+    validate_every_n_epochs: int | None = None   # None: every epoch (and always the last)
+    validate_every_n_steps: int | None = None    # None: not between epochs
+    max_validation_steps: int | None = None      # at most this many validation batches (None: all)
     # --- this engine's own keys (not in sd-scripts)
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     overwrite: bool = False             # allow replacing the outputs of an earlier run with the same name
     latents_cache_dir: str | None = None  # where cache_latents_to_disk writes (default: <output_dir>/.latents)
+    # Without held-out images (validation_split = 0, or a split too small to hold any out), measure the
+    # validation loss on up to 16 training images instead, labelled so in the run record; false: sd-scripts'
+    # behaviour (no validation loss without validation_split)
+    validation_fallback: bool = True
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -199,11 +209,6 @@ UNSUPPORTED: dict[str, str] = {
     "multires_noise": "not an option; did you mean multires_noise_iterations?",
     "huber_scale": "not supported yet",
     "ip_noise_gamma_random_strength": "not supported yet",
-    "validation_split": "validation loss comes in a later release",
-    "validate_every_n_epochs": "validation loss comes in a later release",
-    "validate_every_n_steps": "validation loss comes in a later release",
-    "max_validation_steps": "validation loss comes in a later release",
-    "validation_seed": "validation loss comes in a later release",
     "debug_dataset": "not supported",
     "use_8bit_adam": "deprecated in sd-scripts; use optimizer_type = \"AdamW8bit\"",
     "use_lion_optimizer": "deprecated in sd-scripts; use optimizer_type = \"Lion\"",
@@ -420,6 +425,10 @@ def validate(cfg: TrainConfig) -> None:
                              f"; expected one of {', '.join(OPTIMIZERS)}"))
     _require(cfg.save_every_n_epochs is None or cfg.save_every_n_epochs >= 1, "save_every_n_epochs must be >= 1")
     _require(cfg.save_every_n_steps is None or cfg.save_every_n_steps >= 1, "save_every_n_steps must be >= 1")
+    _require(0.0 <= cfg.validation_split < 1.0,
+             f"validation_split: expected a fraction in [0, 1), got {cfg.validation_split}")
+    for key in ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps"):
+        _require(getattr(cfg, key) is None or getattr(cfg, key) >= 1, f"{key} must be at least 1")
     _require(cfg.min_timestep is None or 0 <= cfg.min_timestep < 1000, "min_timestep must be in 0..999")
     _require(cfg.max_timestep is None or 0 < cfg.max_timestep <= 1000, "max_timestep must be in 1..1000")
     _require(not cfg.noise_offset_random_strength or cfg.noise_offset,

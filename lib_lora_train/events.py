@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 # Kinds used by the trainer. `data` carries the details listed next to each kind.
 START = "start"            # total_steps, epochs, steps_per_epoch, formula, run_id
 STEP = "step"              # step, total_steps, epoch, loss, avg_loss, lr (dict group -> lr), it_per_s, eta_s
-EPOCH = "epoch"            # epoch, epochs, avg_loss, step
+EPOCH = "epoch"            # epoch, epochs, avg_loss, step, validation_loss (when validated this epoch)
+VALIDATION = "validation"  # epoch, step, loss, at ("start" | "epoch" | "step"), source, images, timesteps
 SAVED = "saved"            # path, epoch, step, sshs_model_hash, kind ("epoch" | "step" | "final")
 STATE_SAVED = "state_saved"  # path, epoch, step
 SAMPLE = "sample"          # paths, epoch, step

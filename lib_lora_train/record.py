@@ -1,7 +1,9 @@
 """The run record: one machine-readable account of a run, beside its outputs.
 
 `<output_dir>/<output_name>.run.json` holds the config, the model, the dataset summary, the step plan, timings,
-outputs with hashes, samples and the final status; `<output_name>.events.jsonl` holds every event, one per line.
+outputs with hashes, samples, the validation losses (`validation`: [{epoch, step, loss, at}] and
+`validation_source`: which images, how many, which timesteps) and the final status; `<output_name>.events.jsonl`
+holds every event, one per line.
 The CLI, the WebUI tab and the standalone page all read these two files.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import uuid
 from typing import Any
 
 from . import __version__
-from .events import DONE, EPOCH, ERROR, INTERRUPTED, SAMPLE, SAVED, START, STEP, Event
+from .events import DONE, EPOCH, ERROR, INTERRUPTED, SAMPLE, SAVED, START, STEP, VALIDATION, Event
 from .fsutil import atomic_write_json
 
 RECORD_SUFFIX = ".run.json"
@@ -42,6 +44,7 @@ class RunRecord:
             "outputs": [],
             "samples": [],
             "epochs": [],
+            "validation": [],
             "resumes": [],
         }
         if old is not None:
@@ -79,7 +82,17 @@ class RunRecord:
                 self.flush()
             return
         elif event.kind == EPOCH:
-            self.data["epochs"].append({"epoch": d["epoch"], "avg_loss": d.get("avg_loss"), "step": d.get("step")})
+            entry = {"epoch": d["epoch"], "avg_loss": d.get("avg_loss"), "step": d.get("step")}
+            if d.get("validation_loss") is not None:
+                entry["validation_loss"] = d["validation_loss"]
+            self.data["epochs"].append(entry)
+        elif event.kind == VALIDATION:
+            entry = {k: d.get(k) for k in ("epoch", "step", "loss", "at")}
+            # a resumed run may evaluate a point again: keep one entry per point, the latest
+            kept = [v for v in self.data.setdefault("validation", [])
+                    if (v.get("at"), v.get("epoch"), v.get("step")) != (entry["at"], entry["epoch"], entry["step"])]
+            self.data["validation"] = kept + [entry]
+            self.data["validation_source"] = {k: d.get(k) for k in ("source", "images", "timesteps", "seed")}
         elif event.kind == SAVED:
             self.data["outputs"] = [o for o in self.data["outputs"] if o.get("path") != d.get("path")]
             self.data["outputs"].append(dict(d))

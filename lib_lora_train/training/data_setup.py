@@ -18,7 +18,8 @@ _GENERAL_KEYS = ("train_batch_size", "enable_bucket", "min_bucket_reso", "max_bu
                  "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
                  "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
                  "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-                 "token_warmup_min", "token_warmup_step", "flip_aug", "random_crop", "dataset_repeats")
+                 "token_warmup_min", "token_warmup_step", "flip_aug", "random_crop", "dataset_repeats",
+                 "validation_split", "validation_seed")
 
 
 def general_from_config(cfg: TrainConfig) -> dict:

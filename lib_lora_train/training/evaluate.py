@@ -1,13 +1,35 @@
 """Denoising loss at fixed noise and timesteps: comparable between epochs, runs and LoRA multipliers.
 
-The same (image, noise, timestep) triples are used every time for a given seed, so a lower number means the
-model (with its network at the current multiplier) predicts the noise of these images better, and nothing else.
+The same (image, noise, timestep) triples are used every time, so a lower number means the model (with its
+network at the current multiplier) predicts the noise of these images better, and nothing else.
+
+`Validator` is the training loop's validation loss (sd-scripts' validation_split / validate_every_n_epochs /
+validate_every_n_steps / max_validation_steps / validation_seed):
+- images: the held-out split when there is one, else (validation_fallback) up to 16 training images, and the run
+  record says which;
+- timesteps: sd-scripts' four, evenly inside [min_timestep, max_timestep] (200, 400, 600, 800 by default);
+- noise: seeded by each image's latent and validation_seed (a constant when unset, not the training seed, so
+  runs with different seeds are measured on the same noise);
+- loss: plain mean squared error against the model's target, whatever loss_type / min-SNR training used;
+- it never touches the training random streams (its own generators; the global RNG state is put back) and
+  switches the network's dropout off while it measures, so training and resume stay bit-identical.
 """
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from .noise import compute_loss, target_for
+
+VALIDATION_TIMESTEPS = 4          # as sd-scripts (its NUM_VALIDATION_TIMESTEPS)
+FALLBACK_MAX_IMAGES = 16          # training images measured when nothing is held out
+NOISE_SEED = 0                    # the noise seed when validation_seed is unset
 
 
 @torch.no_grad()
@@ -40,3 +62,197 @@ def fixed_denoising_loss(model, latents: torch.Tensor, captions: list[str], *, s
         total += float(loss.sum())
         count += loss.shape[0]
     return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------- the validation loss
+
+@dataclass
+class EvalItem:
+    """One validation image: its latent [C, H, W], the caption it is conditioned on, its noise seed."""
+    latent: torch.Tensor
+    caption: str
+    seed: int
+
+
+def validation_timesteps(num_train_timesteps: int, min_timestep: int | None = None,
+                         max_timestep: int | None = None, count: int = VALIDATION_TIMESTEPS) -> list[int]:
+    """sd-scripts' choice: `count` timesteps evenly inside [min, max], the two ends left out."""
+    lo = 0 if min_timestep is None else int(min_timestep)
+    hi = num_train_timesteps if max_timestep is None else int(max_timestep)
+    step = (hi - lo) / (count + 1)
+    return [min(num_train_timesteps - 1, int(lo + k * step)) for k in range(1, count + 1)]
+
+
+def latent_seed(latent: torch.Tensor, base_seed: int) -> int:
+    """The noise seed of an image: a function of its latent and the base seed only (not of its position)."""
+    h = hashlib.sha256(str(int(base_seed)).encode())
+    h.update(latent.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def denoising_loss(model, items: Sequence[EvalItem], timesteps: Sequence[int], *, clip_skip: int | None = None,
+                   max_token_length: int | None = None, batch_size: int = 8,
+                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
+    """Mean squared error of the model's prediction over every (item, timestep), at each item's fixed noise.
+
+    Uses whatever network is applied to the model right now, in the modes the modules are in (see
+    `evaluation_mode`). Items of different latent sizes (buckets) are batched separately.
+    """
+    from ..models import encode_prompts
+    if not items:
+        raise ValueError("denoising_loss needs at least one item")
+    device = model.unet.device
+    sched = model.noise_scheduler
+    autocast = autocast or contextlib.nullcontext
+    # each item's caption is encoded once per evaluation (the text encoder may carry the network)
+    conds: dict[str, torch.Tensor] = {}
+    for cap in dict.fromkeys(it.caption for it in items):
+        with autocast():
+            conds[cap] = encode_prompts(model, [cap], clip_skip=clip_skip, max_token_length=max_token_length,
+                                        device=device)[0]
+    work: dict[tuple, list[tuple[EvalItem, int, torch.Tensor]]] = {}
+    for it in items:
+        gen = torch.Generator().manual_seed(it.seed)
+        for t in timesteps:
+            noise = torch.randn(it.latent.shape, generator=gen, dtype=torch.float32)
+            work.setdefault(tuple(it.latent.shape), []).append((it, int(t), noise))
+    total, count = 0.0, 0
+    for group in work.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            lat = torch.stack([it.latent for it, _, _ in chunk]).to(device, torch.float32)
+            noise = torch.stack([n for _, _, n in chunk]).to(device)
+            ts = torch.tensor([t for _, t, _ in chunk], device=device, dtype=torch.long)
+            cond = torch.stack([conds[it.caption] for it, _, _ in chunk])
+            with autocast():
+                noisy = sched.add_noise(lat, noise, ts)
+                pred = model.unet(noisy.to(model.unet.dtype), ts, cond.to(model.unet.dtype)).sample
+            target = target_for(sched, lat, noise, ts, model.info.prediction_type)
+            loss = compute_loss(pred.float(), target.float())
+            total += float(loss.sum())
+            count += loss.shape[0]
+    return total / max(count, 1)
+
+
+@contextlib.contextmanager
+def evaluation_mode(modules: Sequence[torch.nn.Module]):
+    """eval() (no dropout) for the duration; then every submodule's train flag and the global RNG (CPU and
+    CUDA) exactly as they were, so a measurement never changes what training draws next."""
+    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    try:
+        for mod in modules:
+            mod.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _plain_caption(item) -> str:
+    """The caption as training sees it, minus everything random (dropout, shuffle, token warmup)."""
+    from ..dataset import process_caption
+    fixed = dataclasses.replace(item.subset, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                caption_tag_dropout_rate=0.0, shuffle_caption=False, token_warmup_step=0)
+    return process_caption(item.caption, fixed, rng=random.Random(0))
+
+
+def _spread(items: list, n: int) -> list:
+    """n items evenly spread over the list (all when there are fewer)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
+
+
+def fallback_batches(data, batch_size: int, max_images: int = FALLBACK_MAX_IMAGES):
+    """Training images (no regularization images) in a fixed order, grouped by bucket like validation_batches."""
+    from ..dataset import Batch, Sample
+    pool = sorted((it for it in data.items if not it.is_reg), key=lambda it: (it.dataset_index, it.path))
+    chosen = _spread(pool, max_images)
+    by_bucket: dict[tuple, list] = {}
+    for it in chosen:
+        by_bucket.setdefault((it.dataset_index, it.bucket), []).append(it)
+    batches = []
+    for (di, bucket) in sorted(by_bucket):
+        members = by_bucket[(di, bucket)]
+        for start in range(0, len(members), batch_size):
+            batches.append(Batch(di, bucket, [Sample(it, False) for it in members[start:start + batch_size]]))
+    return batches
+
+
+class Validator:
+    """The loop's validation: which images, when, and one number per measurement (emitted as VALIDATION)."""
+
+    def __init__(self, cfg, data, model, latents, emit, *, autocast=None):
+        from ..dataset import load_item_tensor
+        from ..events import LOG, WARNING, Event
+        self.cfg, self.model, self.emit, self.autocast = cfg, model, emit, autocast
+        self.items: list[EvalItem] = []
+        self.source = None
+        self._last: tuple[int, float] | None = None
+        batches = data.validation_batches()
+        if batches:
+            self.source = "held_out"
+        elif cfg.validation_fallback:
+            batches = fallback_batches(data, cfg.train_batch_size)
+            self.source = "training_images"
+            if cfg.validation_split > 0:
+                emit(Event(WARNING, {"message": f"validation_split = {cfg.validation_split} held out no image (too "
+                                                f"few images per folder); the validation loss is measured on "
+                                                f"training images instead"}))
+        if not batches:
+            return
+        if cfg.max_validation_steps:
+            batches = batches[:cfg.max_validation_steps]
+        base_seed = NOISE_SEED if cfg.validation_seed is None else int(cfg.validation_seed)
+        cache = getattr(latents, "cache", None)
+        for batch in batches:
+            for s in batch.samples:
+                if cache is not None and s.item in cache:
+                    lat = cache.get(s.item, False)
+                else:
+                    lat = latents.encode(load_item_tensor(s.item).unsqueeze(0))[0]
+                lat = lat.detach().to("cpu", torch.float32)
+                self.items.append(EvalItem(lat, _plain_caption(s.item), latent_seed(lat, base_seed)))
+        self.seed = base_seed
+        self.timesteps = validation_timesteps(model.noise_scheduler.config.num_train_timesteps,
+                                              cfg.min_timestep, cfg.max_timestep)
+        what = "held-out images" if self.source == "held_out" else "training images (nothing is held out)"
+        emit(Event(LOG, {"message": f"validation loss: {len(self.items)} {what}, timesteps {self.timesteps}"}))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.items)
+
+    def due_epoch(self, epoch: int, is_last: bool) -> bool:
+        n = self.cfg.validate_every_n_epochs
+        return self.enabled and (n is None or epoch % n == 0 or is_last)
+
+    def due_step(self, step: int) -> bool:
+        n = self.cfg.validate_every_n_steps
+        return self.enabled and bool(n) and step % n == 0
+
+    def measure(self, network) -> float:
+        model = self.model
+        with evaluation_mode([model.unet, model.text_encoder, network]):
+            return denoising_loss(model, self.items, self.timesteps, clip_skip=self.cfg.clip_skip,
+                                  max_token_length=self.cfg.max_token_length,
+                                  batch_size=max(1, self.cfg.train_batch_size), autocast=self.autocast)
+
+    def run(self, network, *, at: str, epoch: int, step: int) -> float:
+        from ..events import VALIDATION, Event
+        if self._last is not None and self._last[0] == step:
+            loss = self._last[1]            # same step, same weights (a step and an epoch end together)
+        else:
+            loss = self.measure(network)
+        self._last = (step, loss)
+        self.emit(Event(VALIDATION, {"epoch": epoch, "step": step, "loss": loss, "at": at,
+                                     "source": self.source, "images": len(self.items),
+                                     "timesteps": list(self.timesteps), "seed": self.seed}))
+        return loss

@@ -24,6 +24,7 @@ from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START
 from ..record import RunRecord
 from . import metadata as md
 from .data_setup import build_training_data, captions_for, make_latent_source
+from .evaluate import Validator
 from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weights, sample_noise, \
     sample_timesteps, target_for
 from .optim import make_optimizer
@@ -206,11 +207,16 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             return path
 
         sampler = _Previews(cfg, model, network, emit)
+        validator = Validator(cfg, data, model, latents, emit, autocast=lambda: _autocast(device, autocast_dtype))
+        record.set(validation_source={"source": validator.source, "images": len(validator.items)}
+                   if validator.enabled else None)
         emit(Event(START, {"total_steps": plan.total_steps, "epochs": plan.epochs,
                            "steps_per_epoch": plan.steps_per_epoch, "formula": plan.formula,
                            "run_id": record.run_id, "start_step": global_step}))
         if cfg.sample_at_first and global_step == 0:
             sampler.make(0, 0)
+        if validator.enabled and global_step == 0:
+            validator.run(network, at="start", epoch=0, step=0)   # the curve's starting point
 
         # ---------------------------------------------------------------- the loop
         network.train()
@@ -303,6 +309,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                         save_state(f"{cfg.output_name}-step{global_step:08d}-state", epoch)
                 if sampler.due_step(global_step):
                     sampler.make(epoch + 1, global_step)
+                if validator.due_step(global_step):
+                    validator.run(network, at="step", epoch=epoch + 1, step=global_step)
                 if global_step >= plan.total_steps:
                     break
                 if stop.is_set() and b_index + 1 < len(batches):   # at an epoch's end, finish the epoch first
@@ -313,10 +321,12 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
 
             # ---------------------------------------------------------- end of epoch
             done_epochs = completed_epochs = epoch + 1
-            emit(Event(EPOCH, {"epoch": done_epochs, "epochs": plan.epochs, "step": global_step,
-                               "avg_loss": epoch_loss / max(epoch_count, 1)}))
-            last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
             is_last = done_epochs >= plan.epochs or global_step >= plan.total_steps
+            val_loss = validator.run(network, at="epoch", epoch=done_epochs, step=global_step) \
+                if validator.due_epoch(done_epochs, is_last) else None
+            emit(Event(EPOCH, {"epoch": done_epochs, "epochs": plan.epochs, "step": global_step,
+                               "avg_loss": epoch_loss / max(epoch_count, 1), "validation_loss": val_loss}))
+            last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
             if cfg.save_every_n_epochs and done_epochs % cfg.save_every_n_epochs == 0 and not is_last:
                 save_lora(output_file(cfg, f"-{done_epochs:06d}"), done_epochs, "epoch")
                 _prune_old_epochs(cfg, done_epochs, emit)

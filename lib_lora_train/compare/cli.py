@@ -1,0 +1,114 @@
+"""`python -m lib_lora_train compare RUN_DIR_OR_RECORD [...]`: the epoch x weight grid and the loss table.
+
+`register(subparsers)` adds the subcommand to the main parser (lib_lora_train/cli.py). Errors in the input
+(ConfigError / DataError / ModelError) are turned into exit code 2 by the main CLI; a first Ctrl-C stops the
+grid between cells (exit 3) without writing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from .grid import DEFAULT_CFG, DEFAULT_STEPS, DEFAULT_WEIGHTS
+
+
+def _install_sigint(stop: threading.Event) -> None:
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the current cell (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def default_out_path(run) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(os.path.dirname(os.path.abspath(run.record_path)), f"{run.output_name}-compare-{stamp}.png")
+
+
+def cmd_compare(args: argparse.Namespace, rest: list[str] | None = None) -> int:
+    from .grid import compare_grid, save_compare_grid
+    from .ranking import ranking_from_record, table_text
+    from .runs import open_run
+
+    run = open_run(args.run)
+    if args.table:
+        ranking = ranking_from_record(run.record, files={f.epoch: f.path for f in run.files})
+        if args.json:
+            print(json.dumps({"record": run.record_path, "validation": ranking.to_dict()}, ensure_ascii=True))
+        else:
+            print(table_text(ranking))
+            print()
+            print(ranking.explanation)
+        return 0
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)   # tiny models on a busy machine: 1 thread can be many times faster
+    model = None
+    if args.model:
+        from ..models import load_sd_model
+        from ..training.loop import resolve_device
+        model = load_sd_model(args.model, device=resolve_device(args.device))
+    stop = threading.Event()
+    _install_sigint(stop)
+
+    def progress(done: int, total: int) -> None:
+        if not args.json or args.progress:
+            print(f"cell {done}/{total}", file=sys.stderr, flush=True)
+
+    grid = compare_grid(run, model=model, epochs=args.epochs, weights=args.weights, prompts=args.prompt,
+                        negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, width=args.width,
+                        height=args.height, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                        clip_skip=args.clip_skip, device=args.device, progress=progress, stop=stop)
+    out = args.out or default_out_path(run)
+    save_compare_grid(grid, out)
+    if args.json:
+        print(json.dumps({"png": os.path.abspath(out), **grid.to_dict()}, ensure_ascii=True))
+    else:
+        print(f"grid: {os.path.abspath(out)}  ({len(grid.epochs)} epochs x {len(grid.weights)} weights"
+              f"{f' x {len(grid.prompts)} prompts' if len(grid.prompts) > 1 else ''}, seed {grid.seed})")
+        print()
+        print(table_text(grid.ranking))
+        print()
+        print(grid.ranking.explanation)
+    return 0
+
+
+def register(subparsers) -> None:
+    c = subparsers.add_parser(
+        "compare", help="grid of a run's epoch files x LoRA weights, with the validation-loss table",
+        description="Draw every epoch file of a run at several LoRA weights with the same seed (rows: epochs, "
+                    "columns: weights), save the grid as a PNG with its infotext, and print the epochs ranked "
+                    "by validation loss with a suggested epoch. The prompt defaults to the run's trigger word; "
+                    "a prompt may carry sd-scripts flags (--n --w --h --s --d --l --ss).")
+    c.add_argument("run", help="a training output folder holding one <name>.run.json, or the .run.json file")
+    c.add_argument("--weights", nargs="+", help=f"LoRA weights (default {' '.join(map(str, DEFAULT_WEIGHTS))}); "
+                                                f"0 adds the base model without the LoRA")
+    c.add_argument("--prompt", action="extend", nargs="+", help="prompt(s); one sub-grid each "
+                                                                "(default: the trigger word)")
+    c.add_argument("--negative_prompt", default=None)
+    c.add_argument("--seed", type=int, default=None, help="one seed for every cell (default: random, printed)")
+    c.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    c.add_argument("--width", type=int, default=None, help="default: the run's resolution")
+    c.add_argument("--height", type=int, default=None)
+    c.add_argument("--sampler", default=None, help="default DPM++ 2M Karras (sd-scripts names: euler_a, ddim, ...)")
+    c.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG, help=f"default {DEFAULT_CFG:g}")
+    c.add_argument("--clip_skip", type=int, default=None, help="default: the run's clip_skip")
+    c.add_argument("--epochs", nargs="+", type=int, help="epoch numbers to draw (default: every epoch file)")
+    c.add_argument("--model", help="base checkpoint to use instead of the one named in the run record")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    c.add_argument("--out", help="grid PNG path (default: <run folder>/<name>-compare-<time>.png); a .json with "
+                                 "the labels and the table is written beside it")
+    c.add_argument("--table", action="store_true", help="only print the validation-loss table (no grid)")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_compare)

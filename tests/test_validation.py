@@ -1,0 +1,141 @@
+"""Validation loss: config keys, fixed timesteps and noise, determinism, and the record of every epoch."""
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lib_lora_train.config import UNSUPPORTED, config_from_dict
+from lib_lora_train.errors import ConfigError
+from lib_lora_train.events import VALIDATION
+from lib_lora_train.models import load_sd_model, write_tiny_checkpoint
+from lib_lora_train.networks import create_network, network_config_from_args
+from lib_lora_train.record import read_events, read_run_record
+from lib_lora_train.training.evaluate import (EvalItem, denoising_loss, evaluation_mode, latent_seed,
+                                              validation_timesteps)
+from lib_lora_train.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    write_tiny_checkpoint(str(path), seed=0)
+    return str(path)
+
+
+def make_data(root, n=3, repeats=1):
+    folder = root / f"{repeats}_zkz"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"zkz, tag{i}", encoding="utf-8")
+    return root
+
+
+def cfg_for(ckpt, tmp_path, out="out", **kw):
+    values = dict(pretrained_model_name_or_path=ckpt, train_data_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / out), output_name="v", resolution="64", network_dim=4,
+                  network_alpha=4, learning_rate=5e-3, max_train_epochs=2, train_batch_size=1, seed=1,
+                  cache_latents=True, device="cpu", save_precision="float")
+    values.update(kw)
+    return config_from_dict(values)
+
+
+# ---------------------------------------------------------------- config and the fixed measurement
+
+def test_validation_keys_are_supported_and_checked():
+    for key in ("validation_split", "validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps",
+                "validation_seed"):
+        assert key not in UNSUPPORTED
+    cfg = config_from_dict({"validation_split": 0.2, "validate_every_n_epochs": 2, "validate_every_n_steps": 5,
+                            "max_validation_steps": 3, "validation_seed": 7, "validation_fallback": False})
+    assert (cfg.validation_split, cfg.validate_every_n_epochs, cfg.validation_seed) == (0.2, 2, 7)
+    assert config_from_dict({}).validation_fallback is True and config_from_dict({}).validation_split == 0.0
+    with pytest.raises(ConfigError, match="validation_split"):
+        config_from_dict({"validation_split": 1.0})
+    with pytest.raises(ConfigError, match="validate_every_n_epochs"):
+        config_from_dict({"validate_every_n_epochs": 0})
+
+
+def test_timesteps_follow_sd_scripts():
+    assert validation_timesteps(1000) == [200, 400, 600, 800]
+    assert validation_timesteps(1000, 100, 600) == [200, 300, 400, 500]
+
+
+def test_loss_is_deterministic_changes_with_the_lora_and_leaves_rng_and_modes_alone(ckpt):
+    model = load_sd_model(ckpt)
+    g = torch.Generator().manual_seed(5)
+    items = [EvalItem(torch.randn(4, 8, 8, generator=g), "zkz", 0) for _ in range(2)]
+    items += [EvalItem(torch.randn(4, 8, 16, generator=g), "zkz, tag", 0)]      # another bucket
+    items = [EvalItem(it.latent, it.caption, latent_seed(it.latent, 0)) for it in items]
+    ts = validation_timesteps(model.noise_scheduler.config.num_train_timesteps)
+    net = create_network(network_config_from_args("networks.lora", 4, 4, [], network_dropout=0.5),
+                         model.unet, model.text_encoder)
+    net.apply_to()
+    net.train()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    rng_before = torch.get_rng_state()
+    with evaluation_mode([model.unet, model.text_encoder, net]):
+        assert not net.training
+        a = denoising_loss(model, items, ts)
+        b = denoising_loss(model, items, ts)
+    assert a == b                                   # same noise, same timesteps, dropout off
+    assert net.training and all(m.training for m in net.modules())   # train mode is back
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    with evaluation_mode([model.unet, model.text_encoder, net]):
+        net.multiplier = 0.0
+        base = denoising_loss(model, items, ts)
+        net.multiplier = 1.0
+    net.remove()
+    assert base != a                                # the number depends on the LoRA
+    # another noise seed gives another number: the noise really is fixed by the seed
+    other = [EvalItem(it.latent, it.caption, it.seed + 1) for it in items]
+    assert denoising_loss(model, other, ts) != base
+
+
+# ---------------------------------------------------------------- in the training loop
+
+def test_default_run_records_validation_loss_for_every_epoch_on_training_images(ckpt, tmp_path):
+    make_data(tmp_path / "data")
+    result = train(cfg_for(ckpt, tmp_path, max_train_epochs=3))
+    rec = read_run_record(result.record_path)
+    epochs = [(v["at"], v["epoch"]) for v in rec["validation"]]
+    assert epochs == [("start", 0), ("epoch", 1), ("epoch", 2), ("epoch", 3)]
+    assert rec["validation_source"]["source"] == "training_images"
+    assert rec["validation_source"]["images"] == 3
+    assert all(isinstance(e.get("validation_loss"), float) for e in rec["epochs"]) and len(rec["epochs"]) == 3
+    events = [e for e in read_events(result.record_path.replace(".run.json", ".events.jsonl"))
+              if e["kind"] == VALIDATION]
+    assert [e["epoch"] for e in events] == [0, 1, 2, 3]
+    # a LoRA trained at a high rate on 3 images fits them better than the base model does
+    assert rec["validation"][-1]["loss"] < rec["validation"][0]["loss"]
+
+    # validation never disturbs training: without it, the same files come out bit for bit
+    plain = train(cfg_for(ckpt, tmp_path, out="plain", max_train_epochs=3, validation_fallback=False))
+    assert read_run_record(plain.record_path)["validation"] == []
+    a, b = load_file(result.outputs[-1]), load_file(plain.outputs[-1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_held_out_split_every_n_epochs_and_steps(ckpt, tmp_path):
+    make_data(tmp_path / "data", n=6)
+    cfg = cfg_for(ckpt, tmp_path, validation_split=0.34, validation_seed=3, validate_every_n_epochs=2,
+                  validate_every_n_steps=2, max_train_epochs=3, train_batch_size=2)
+    seen = []
+    result = train(cfg, sink=lambda e: seen.append(e) if e.kind == VALIDATION else None)
+    rec = read_run_record(result.record_path)
+    assert rec["validation_source"]["source"] == "held_out" and rec["validation_source"]["images"] == 2
+    assert rec["dataset"]["num_train_images"] == 4
+    kinds = [(v["at"], v["epoch"], v["step"]) for v in rec["validation"]]
+    # 4 images, batch 2: 2 steps per epoch; epochs every 2 plus the last one; steps 2, 4, 6
+    assert kinds == [("start", 0, 0), ("step", 1, 2), ("step", 2, 4), ("epoch", 2, 4), ("step", 3, 6),
+                     ("epoch", 3, 6)]
+    assert [e.get("validation_loss") is not None for e in rec["epochs"]] == [False, True, True]
+    # the host's sink sees the same measurements the record keeps
+    assert [(e.data["at"], e.data["step"], e.data["loss"]) for e in seen] == \
+        [(v["at"], v["step"], v["loss"]) for v in rec["validation"]]
+    assert len({v["loss"] for v in rec["validation"]}) >= 4       # training moves the number
