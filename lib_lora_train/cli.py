@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_prep(sub)
     from .tools.cli import register as register_tools
     register_tools(sub)
+    from .ui.app import register as register_ui
+    register_ui(sub)
+    from .compare.cli import register as register_compare
+    register_compare(sub)
     return p
 
 

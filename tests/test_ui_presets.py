@@ -1,0 +1,75 @@
+"""The Parameters form as data: presets, field checks, form <-> sd-scripts keys (no gradio needed)."""
+import pytest
+
+from lib_lora_train.config import config_from_dict
+from lib_lora_train.errors import ConfigError
+from lib_lora_train.networks.config import network_config_from_args
+from lib_lora_train.ui.presets import (FIELDS, FORM_KEYS, NETWORK_TYPES, PRESETS, apply_preset, config_to_form,
+                                       default_values, form_to_config)
+
+
+def test_presets_in_plain_numbers():
+    assert PRESETS["character"]["network_dim"] == 32 and PRESETS["character"]["network_alpha"] == 32
+    assert PRESETS["character"]["clip_skip"] == 2 and PRESETS["character"]["repeats"] == 10
+    assert PRESETS["style"]["network_dim"] == 128
+    assert set(PRESETS) == {"character", "style", "concept"}
+    v = apply_preset(default_values(), "style")
+    assert v["network_dim"] == 128 and v["seed"] == 42          # fields outside the preset are kept
+    with pytest.raises(ConfigError, match="preset"):
+        apply_preset(v, "landscape")
+
+
+def test_every_field_explains_itself():
+    for f in FIELDS:
+        assert f.label and f.info and len(f.info) < 120, f.key
+    assert len(FORM_KEYS) == len(set(FORM_KEYS))
+
+
+def test_defaults_take_the_hosts_resolution():
+    assert default_values({"resolution": "64"})["resolution"] == 64
+    assert default_values({})["resolution"] == 512
+    assert default_values({}, "style")["network_dim"] == 128
+
+
+@pytest.mark.parametrize("kind", list(NETWORK_TYPES))
+def test_each_network_type_is_a_valid_network_config(kind):
+    v = default_values()
+    v.update(network_type=kind, conv_dim=8, conv_alpha=4)
+    cfg, repeats = form_to_config(v)
+    assert repeats == 10
+    net = network_config_from_args(cfg["network_module"], cfg["network_dim"], cfg["network_alpha"],
+                                   cfg["network_args"])
+    expected = {"LoRA": "lora", "LoCon": "lora", "LoHa": "loha", "LoKr": "lokr", "DyLoRA": "dylora", "IA3": "ia3"}
+    assert net.algo == expected[kind]
+    if kind in ("LoCon", "LoHa", "LoKr"):
+        assert net.conv_dim == 8 and net.conv_alpha == 4
+    config_from_dict(dict(cfg, pretrained_model_name_or_path="x.safetensors", train_data_dir="d"))
+
+
+def test_form_to_config_and_back():
+    v = default_values({"resolution": "64"})
+    v.update(network_type="LoHa", network_dim=16, network_alpha=8, conv_dim=4, conv_alpha=2, text_encoder_lr=0,
+             save_every_n_epochs=0, unet_lr=3e-4, lr_scheduler="linear", seed=7)
+    cfg, _ = form_to_config(v)
+    assert cfg["network_train_unet_only"] is True and "text_encoder_lr" not in cfg
+    assert "save_every_n_epochs" not in cfg and cfg["resolution"] == "64"
+    assert cfg["min_bucket_reso"] == 64                      # buckets work at a small training size
+    back = config_to_form(cfg, default_values())
+    for key in ("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "text_encoder_lr",
+                "save_every_n_epochs", "unet_lr", "lr_scheduler", "seed", "resolution"):
+        assert back[key] == v[key], key
+
+
+def test_bad_values_name_the_field():
+    v = default_values()
+    v["network_dim"] = "lots"
+    with pytest.raises(ConfigError, match="Network dim"):
+        form_to_config(v)
+    v = default_values()
+    v["max_train_epochs"] = 1.5
+    with pytest.raises(ConfigError, match="Epochs.*whole number"):
+        form_to_config(v)
+    v = default_values()
+    v["optimizer_type"] = "Magic"
+    with pytest.raises(ConfigError, match="Optimizer"):
+        form_to_config(v)
