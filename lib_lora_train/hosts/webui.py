@@ -1,0 +1,477 @@
+"""The WebUI host: training on the checkpoint the AUTOMATIC1111 WebUI has loaded, progress in the WebUI's own bar.
+
+This module never imports the WebUI. `scripts/lora_train.py` (the only file the WebUI loads) hands the WebUI's
+modules in as a `WebUI` bundle, so the engine stays importable without the WebUI and tests pass small stand-ins.
+
+What a run does to the WebUI (all undone on exit, also after an error or an interrupt):
+- holds `call_queue.queue_lock` for the whole run: generation requests wait and never see a half-trained model
+  (a FIFOLock, not re-entrant: it is taken once, here, and nothing inside the run takes it again);
+- clears the networks the built-in Lora extension left applied and puts the backed-up original weights back, so
+  no LoRA is baked into the weights the run trains on;
+- builds the engine's SDModel from the live model's tensors (shared, not copied, where dtype and device match);
+- under --medvram moves the three big parts to the device for the run and back afterwards; --lowvram is refused;
+- drives `shared.state` (job count = steps, text, live preview) and stops at the WebUI's Interrupt.
+"""
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from ..errors import ConfigError, ModelError
+from ..events import DONE, ERROR, INTERRUPTED, LOG, SAMPLE, START, STEP, WARNING, Event
+from .base import HostPaths
+
+TAB_TITLE = "Train LoRA"
+TAB_ID = "lora_train"
+OPT_OUTPUT_DIR = "lora_train_output_dir"        # settings (registered by webui_support.register_settings)
+OPT_PROJECTS_DIR = "lora_train_projects_dir"
+TE_PREFIX = "cond_stage_model."
+KEEP_PREFIXES = ("model.diffusion_model.", "first_stage_model.", TE_PREFIX)
+
+
+def log(message: str) -> None:
+    print(f"[lora-train] {message}", flush=True)
+
+
+@dataclass
+class WebUI:
+    """The WebUI's modules this host uses (the real ones from scripts/lora_train.py, stand-ins in tests)."""
+    shared: Any                      # modules.shared: sd_model, cmd_opts, opts, state, interrogator
+    devices: Any                     # modules.devices: device, dtype, dtype_unet, fp8, autocast, torch_gc
+    call_queue: Any                  # modules.call_queue: queue_lock
+    paths: Any                       # modules.paths: data_path, models_path
+    sd_models: Any = None            # modules.sd_models: model_path
+    progress: Any = None             # modules.progress: start_task, finish_task
+    lowvram: Any = None              # modules.lowvram: send_everything_to_cpu
+    deepbooru: Any = None            # modules.deepbooru: model
+    images: Any = None               # modules.images: resize_image
+    # The built-in Lora extension's `networks` module (loaded by its script, found in sys.modules when needed).
+    networks: Optional[Callable[[], Any]] = None
+
+
+def lora_networks_module() -> Any:
+    """The already-imported `networks` module of extensions-builtin/Lora, or None (e.g. Forge, or disabled)."""
+    mod = sys.modules.get("networks")
+    if mod is not None and hasattr(mod, "loaded_networks") and hasattr(mod, "list_available_networks"):
+        return mod
+    return None
+
+
+def task_id(job_id: str) -> str:
+    """The WebUI progress-task id of a job: a page polls `/internal/progress` with it (requestProgress)."""
+    return f"task(lora-train-{job_id})"
+
+
+def live_state_dict(sd_model) -> dict:
+    """The live model's tensors in the checkpoint (ldm) layout: the hijack's `.wrapped` levels of the text
+    encoder are dropped, other wrappers' extras are left out. Tensors are the model's own (no copies)."""
+    out = {}
+    for key, tensor in sd_model.state_dict().items():
+        if key.startswith(TE_PREFIX):
+            key = ".".join(p for p in key.split(".") if p != "wrapped")
+        if key.startswith(KEEP_PREFIXES) or "." not in key:   # top-level buffers: betas, alphas_cumprod, ...
+            out[key] = tensor
+    return out
+
+
+def shared_count(model_tensors, webui_tensors) -> tuple:
+    """(how many of `model_tensors` use the storage of one of `webui_tensors`, how many there are)."""
+    ptrs = {t.data_ptr() for t in webui_tensors}
+    tensors = list(model_tensors)
+    return sum(1 for t in tensors if t.data_ptr() in ptrs), len(tensors)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _first_device(module):
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+class WebUIHost:
+    name = "webui"
+
+    def __init__(self, webui: WebUI, *, ext_dir: Optional[str] = None):
+        self.webui = webui
+        self.ext_dir = ext_dir
+        self._session: Optional[_Session] = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ folders and defaults
+    def _opt(self, key: str) -> str:
+        opts = getattr(self.webui.shared, "opts", None)
+        data = getattr(opts, "data", None) or {}
+        return str(data.get(key) or "").strip()
+
+    def _data_path(self) -> str:
+        return os.path.abspath(getattr(self.webui.paths, "data_path", None) or os.getcwd())
+
+    def _resolve(self, value: str) -> str:
+        value = os.path.expanduser(value)
+        return os.path.abspath(value if os.path.isabs(value) else os.path.join(self._data_path(), value))
+
+    def lora_dir(self) -> str:
+        """The built-in Lora extension's folder (--lora-dir, default models/Lora)."""
+        given = getattr(self.webui.shared.cmd_opts, "lora_dir", None)
+        if given:
+            return self._resolve(given)
+        models = getattr(self.webui.paths, "models_path", None) or os.path.join(self._data_path(), "models")
+        return os.path.abspath(os.path.join(models, "Lora"))
+
+    @property
+    def paths(self) -> HostPaths:
+        projects = self._opt(OPT_PROJECTS_DIR)
+        projects = self._resolve(projects) if projects else os.path.join(self._data_path(), "lora_train", "projects")
+        out = self._opt(OPT_OUTPUT_DIR)
+        loras = self._resolve(out) if out else self.lora_dir()
+        models = []
+        ckpt_dirs = [getattr(self.webui.sd_models, "model_path", None),
+                     getattr(self.webui.shared.cmd_opts, "ckpt_dir", None)]
+        info = self._checkpoint_info()
+        if info is not None and getattr(info, "filename", None):
+            ckpt_dirs.append(os.path.dirname(info.filename))
+        for d in [*ckpt_dirs, self.lora_dir()]:
+            if d and os.path.abspath(d) not in models:
+                models.append(os.path.abspath(d))
+        for d in (projects, loras):
+            os.makedirs(d, exist_ok=True)
+        return HostPaths(projects=projects, loras=loras, models=models)
+
+    def _loaded_model(self):
+        """The WebUI's model if one is loaded, without triggering a load (None otherwise)."""
+        sd_models = self.webui.sd_models
+        data = getattr(sd_models, "model_data", None)
+        if data is not None and hasattr(data, "sd_model"):
+            return data.sd_model
+        return getattr(self.webui.shared, "sd_model", None)
+
+    def _checkpoint_info(self):
+        model = self._loaded_model()
+        return getattr(model, "sd_checkpoint_info", None) if model is not None else None
+
+    def base_config(self) -> dict:
+        dev = self.webui.devices
+        device = getattr(dev, "device", None)
+        dtype = getattr(dev, "dtype_unet", None) or getattr(dev, "dtype", None)
+        dev_type = getattr(device, "type", str(device or "cpu"))
+        name = "cpu" if device is None else (dev_type if getattr(device, "index", None) is None else str(device))
+        # The WebUI's own precision: half models train with fp16 autocast; on the CPU (always float32 there) none.
+        precision = "no" if dev_type == "cpu" else {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(
+            str(dtype), "no")
+        info = self._checkpoint_info()
+        return {"pretrained_model_name_or_path": getattr(info, "filename", "") or "", "device": name,
+                "mixed_precision": precision}
+
+    def checkpoint_label(self) -> str:
+        info = self._checkpoint_info()
+        if info is None:
+            return "the WebUI's checkpoint (none loaded yet)"
+        return f"the loaded checkpoint: {getattr(info, 'title', None) or os.path.basename(info.filename)}"
+
+    # ------------------------------------------------------------------ one training run
+    @contextlib.contextmanager
+    def training_session(self, cfg) -> Iterator[Any]:
+        shared = self.webui.shared
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise ConfigError("the WebUI runs with --lowvram, which moves every block to the GPU and back during "
+                              "a forward pass; training through that is not possible. Restart the WebUI without "
+                              "--lowvram (--medvram works) to train.")
+        lock = self.webui.call_queue.queue_lock
+        lock.acquire()      # generations wait until the run is over (and a run waits for a generation)
+        session = _Session()
+        with self._lock:
+            self._session = session
+        state = shared.state
+        try:
+            state.begin(job="lora-train")
+            if not self._uses_loaded_model(cfg):
+                yield None          # the config names another checkpoint file: the engine loads that one
+                return
+            sd_model = shared.sd_model
+            if sd_model is None:
+                raise ModelError("the WebUI has no checkpoint loaded; select one in the checkpoint dropdown first")
+            self._check_model(sd_model)
+            cleared = self._clear_networks(sd_model)
+            if cleared:
+                log(f"restored the original weights of {cleared} layers the Lora extension had changed")
+            moved = self._to_device_for_medvram(sd_model)
+            try:
+                yield self._sd_model(sd_model)
+            finally:
+                for part, device in moved:
+                    part.to(device)
+                if moved:
+                    log("moved the model parts back where --medvram keeps them")
+        finally:
+            session.close()
+            if session.task and self.webui.progress is not None:
+                with contextlib.suppress(Exception):
+                    self.webui.progress.finish_task(session.task)
+            with contextlib.suppress(Exception):
+                state.end()
+            # What the WebUI's own wrap_gradio_call resets after a job: the next job starts clean.
+            state.interrupted = state.skipped = state.stopping_generation = False
+            state.job_count, state.job = 0, ""
+            with self._lock:
+                if self._session is session:
+                    self._session = None
+            lock.release()
+
+    def _uses_loaded_model(self, cfg) -> bool:
+        wanted = getattr(cfg, "pretrained_model_name_or_path", "") or ""
+        if hasattr(self._loaded_model(), "forge_objects"):
+            # Forge keeps its models in patchers (fp8/nf4 storage, no ldm modules): the engine reads the file.
+            log("Forge: training on the checkpoint file, not on the model in memory")
+            return False
+        info = self._checkpoint_info()
+        if not wanted:
+            return True
+        return info is not None and bool(getattr(info, "filename", None)) and _same_file(wanted, info.filename)
+
+    def _check_model(self, sd_model) -> None:
+        if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
+            raise ModelError("the loaded checkpoint is SDXL; this version trains SD1 models only. Load an SD1.x "
+                             "checkpoint in the WebUI, or name one with pretrained_model_name_or_path.")
+        if getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
+            raise ModelError("the loaded checkpoint is not SD1.x; this version trains SD1 models only")
+        if getattr(self.webui.devices, "fp8", False):
+            raise ConfigError("the WebUI stores weights in FP8 (Settings > Optimizations > FP8 weight); LoRA "
+                              "training needs the full weights. Turn FP8 off to train.")
+        if getattr(sd_model, "lowvram", False) and not getattr(self.webui.shared.cmd_opts, "medvram", False) \
+                and not getattr(self.webui.shared.cmd_opts, "medvram_sdxl", False):
+            raise ConfigError("the WebUI's model is in low-VRAM mode; restart without --lowvram to train")
+
+    def _networks(self):
+        return self.webui.networks() if self.webui.networks is not None else lora_networks_module()
+
+    def _clear_networks(self, sd_model) -> int:
+        """Unload the Lora extension's networks and write the backed-up original weights back (the extension
+        merges LoRAs into the weights in place and restores them only at its next forward)."""
+        import torch
+
+        nets = self._networks()
+        if nets is None:
+            return 0
+        try:
+            nets.load_networks([])
+        except Exception:  # noqa: BLE001 - an older/newer extension: at least empty the list
+            loaded = getattr(nets, "loaded_networks", None)
+            if isinstance(loaded, list):
+                loaded.clear()
+        restore = getattr(nets, "network_restore_weights_from_backup", None)
+        reset = getattr(nets, "network_reset_cached_weight", None)
+        count = 0
+        with torch.no_grad():
+            for module in sd_model.modules():
+                weights = getattr(module, "network_weights_backup", None)
+                bias = getattr(module, "network_bias_backup", None)
+                if weights is None and bias is None:
+                    continue
+                if restore is not None:
+                    restore(module)
+                else:
+                    _restore_backup(module, weights, bias)
+                if reset is not None:
+                    reset(module)          # backups dropped: the weights are the originals again
+                else:
+                    module.network_current_names = ()
+                    module.network_weights_backup = module.network_bias_backup = None
+                count += 1
+        return count
+
+    def _to_device_for_medvram(self, sd_model) -> list:
+        """--medvram keeps the UNet, VAE and text encoder on the CPU and moves one at a time during a forward;
+        a training step needs all three. Returns [(part, device it was on)] to move back afterwards."""
+        if not getattr(sd_model, "lowvram", False):
+            return []
+        device = self.webui.devices.device
+        moved = []
+        try:
+            for attr in ("model", "first_stage_model", "cond_stage_model"):
+                part = getattr(sd_model, attr, None)
+                if part is None:
+                    continue
+                was = _first_device(part)
+                if was is not None and was != device:
+                    moved.append((part, was))
+                    part.to(device)
+        except BaseException:      # e.g. out of memory on the second part: put back what moved
+            for part, was in moved:
+                part.to(was)
+            raise
+        if moved:
+            log(f"--medvram: moved {len(moved)} model parts to {device} for the run")
+        return moved
+
+    def _sd_model(self, sd_model):
+        from ..models import load_sd_model
+
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        filename = getattr(info, "filename", None)
+        tensors = live_state_dict(sd_model)
+        device = _first_device(sd_model.model) if hasattr(sd_model, "model") else None
+        model = load_sd_model(tensors, device=device or "cpu",
+                              name=os.path.basename(filename) if filename else "webui-model")
+        sha256 = getattr(info, "sha256", None)
+        if sha256 is None and info is not None and hasattr(info, "calculate_shorthash"):
+            with contextlib.suppress(Exception):
+                info.calculate_shorthash()        # the WebUI's own cached hash (None with --no-hashing)
+                sha256 = getattr(info, "sha256", None)
+        # With the hashes known the engine never re-reads the (GB-sized) file; without a sha256 it gets no path
+        # so it does not hash it either (the metadata then lacks ss_new_sd_model_hash).
+        model.info.path = filename if (filename and sha256) else None
+        model.info.sha256 = sha256
+        model.info.legacy_hash = getattr(info, "hash", None)
+        unet_shared = shared_count(model.unet.state_dict().values(), sd_model.model.state_dict().values())
+        model.info.extra["webui_shared_unet_tensors"] = list(unet_shared)
+        log(f"training on the WebUI's {model.info.name}: {unet_shared[0]}/{unet_shared[1]} UNet tensors shared "
+            f"with the loaded model (no copy)")
+        return model
+
+    # ------------------------------------------------------------------ progress, outputs, taggers
+    def progress_sink(self, job, stop: threading.Event):
+        session = self._session
+        if session is None:
+            return None
+        return session.attach(self.webui, job, stop)
+
+    def outputs_written(self, paths: list) -> None:
+        nets = self._networks()
+        if nets is not None:
+            nets.list_available_networks()
+            log(f"Lora list refreshed: {', '.join(os.path.basename(p) for p in paths)}")
+
+    def taggers(self):
+        if self.webui.deepbooru is None and getattr(self.webui.shared, "interrogator", None) is None:
+            return None
+        from .webui_support import WebUITaggers
+
+        return WebUITaggers(self.webui)
+
+
+def _restore_backup(module, weights, bias) -> None:
+    if weights is not None:
+        if isinstance(weights, tuple):      # MultiheadAttention: (in_proj_weight, out_proj.weight)
+            module.in_proj_weight.copy_(weights[0])
+            module.out_proj.weight.copy_(weights[1])
+        else:
+            module.weight.copy_(weights)
+    if bias is not None:
+        target = module.out_proj if hasattr(module, "out_proj") else module
+        target.bias.copy_(bias)
+
+
+class _Session:
+    """One run's tie to `shared.state`: the sink and a watcher for the WebUI's Interrupt."""
+
+    def __init__(self):
+        self.task: Optional[str] = None
+        self._closed = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+
+    def attach(self, webui: WebUI, job, stop: threading.Event):
+        state = webui.shared.state
+        self.task = task_id(job.id)
+        state.job = self.task
+        if webui.progress is not None:
+            with contextlib.suppress(Exception):
+                webui.progress.start_task(self.task)
+        state.textinfo = f"Train LoRA: {job.output_name}, preparing"
+
+        def watch() -> None:     # Interrupt can come while no event flows (model building, latent caching)
+            while not self._closed.wait(0.2):
+                if getattr(state, "interrupted", False):
+                    stop.set()
+                    return
+        self._watcher = threading.Thread(target=watch, name="lora-train-interrupt", daemon=True)
+        self._watcher.start()
+        return _StateSink(webui, job, stop)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=2)
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def step_text(d: dict) -> str:
+    """One line (the WebUI's bar shows textinfo only without a newline): epoch, step, loss, speed, ETA."""
+    parts = [f"Epoch {d.get('epoch', '?')}/{d.get('epochs', '?')}",
+             f"step {d.get('step', '?')}/{d.get('total_steps', '?')}"]
+    if d.get("loss") is not None:
+        parts.append(f"loss {float(d['loss']):.4f}")
+    rate = d.get("it_per_s")
+    if rate:
+        parts.append(f"{rate:.2f} it/s" if rate >= 1 else f"{1.0 / rate:.1f} s/it")
+    parts.append(f"ETA {_duration(d.get('eta_s'))}")
+    return " · ".join(parts)
+
+
+class _StateSink:
+    """Mirrors engine events into shared.state, the way the WebUI's own jobs fill it."""
+
+    def __init__(self, webui: WebUI, job, stop: threading.Event):
+        self.state = webui.shared.state
+        self.job, self.stop = job, stop
+
+    def __call__(self, event: Event) -> None:
+        st, d = self.state, event.data
+        if event.kind == START:
+            st.job_count = int(d.get("total_steps") or 0)
+            st.job_no = int(d.get("start_step") or 0)
+            st.textinfo = f"Train LoRA: {self.job.output_name}, {st.job_count} steps"
+        elif event.kind == STEP:
+            st.job_count = int(d.get("total_steps") or st.job_count or 0)
+            st.job_no = int(d.get("step") or 0)
+            st.textinfo = step_text(d)
+        elif event.kind == SAMPLE:
+            paths = d.get("paths") or []
+            if paths:
+                from PIL import Image
+
+                with Image.open(paths[-1]) as im:
+                    st.assign_current_image(im.copy())
+        elif event.kind in (LOG, WARNING) and not st.job_no:
+            st.textinfo = str(d.get("message", "")).splitlines()[0][:200] if d.get("message") else st.textinfo
+        elif event.kind == INTERRUPTED:
+            st.textinfo = f"Interrupted at step {d.get('step')}; resumable state saved"
+        elif event.kind == DONE:
+            st.job_no = st.job_count
+            st.textinfo = f"Done: {d.get('steps')} steps"
+        elif event.kind == ERROR:
+            st.textinfo = f"Error: {str(d.get('message', ''))[:200]}"
+        if getattr(st, "interrupted", False):
+            self.stop.set()
+
+
+# ----------------------------------------------------------------------------- one manager per process
+
+_SINGLE: dict = {}
+
+
+def host_and_jobs(webui: WebUI, *, ext_dir: Optional[str] = None):
+    """The process's one host and JobManager. The script calls this on every (re)load; "Reload UI" re-executes
+    the script but not this module, so running and finished jobs survive it."""
+    from ..jobs import JobManager
+
+    host = _SINGLE.get("host")
+    if host is None:
+        host = WebUIHost(webui, ext_dir=ext_dir)
+        _SINGLE["host"], _SINGLE["jobs"] = host, JobManager(host)
+    else:
+        host.webui, host.ext_dir = webui, ext_dir or host.ext_dir
+    return host, _SINGLE["jobs"]

@@ -1,0 +1,164 @@
+"""The WebUI glue's smaller parts: taggers on the WebUI's DeepBooru / BLIP, --api-auth for the HTTP API, the
+settings section, and what the tab shows when a dependency is missing. Like `webui.py`, never imports the WebUI:
+the objects come in through the `WebUI` bundle or as arguments.
+"""
+import contextlib
+import os
+from typing import Optional
+
+from ..errors import ConfigError
+from .webui import OPT_OUTPUT_DIR, OPT_PROJECTS_DIR, TAB_TITLE, WebUI, log
+
+# shared.state fields a tagger call must not change under a running job's progress display
+STATE_FIELDS = ("job", "job_no", "job_count", "textinfo", "time_start", "sampling_step", "sampling_steps",
+                "interrupted", "skipped", "stopping_generation", "job_timestamp")
+
+
+class WebUITaggers:
+    """lib_lora_train.prep.taggers.HostTaggers on the WebUI's DeepBooru and BLIP. Each call takes the WebUI's
+    queue lock (the models go to the GPU), so call it from a plain handler, never from inside a function wrapped
+    with wrap_gradio_gpu_call (the lock is not re-entrant)."""
+
+    def __init__(self, webui: WebUI):
+        self.webui = webui
+
+    @contextlib.contextmanager
+    def _turn(self):
+        state = self.webui.shared.state
+        saved = {k: getattr(state, k, None) for k in STATE_FIELDS}
+        with self.webui.call_queue.queue_lock:
+            try:
+                yield
+            finally:
+                for k, v in saved.items():
+                    with contextlib.suppress(Exception):
+                        setattr(state, k, v)
+
+    def deepbooru_tags(self, image) -> list:
+        import numpy as np
+        import torch
+
+        if self.webui.deepbooru is None:
+            raise ConfigError("the WebUI's DeepBooru is not available")
+        db, dev = self.webui.deepbooru.model, self.webui.devices
+        with self._turn():
+            db.start()
+            try:
+                rgb = image.convert("RGB")
+                if self.webui.images is not None:
+                    pic = self.webui.images.resize_image(2, rgb, 512, 512)   # 2 = resize and fill, as the WebUI
+                else:
+                    pic = rgb.resize((512, 512))
+                arr = np.expand_dims(np.asarray(pic, dtype=np.float32), 0) / 255
+                autocast = getattr(dev, "autocast", None)
+                with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+                    x = torch.from_numpy(arr).to(dev.device, getattr(dev, "dtype", torch.float32))
+                    y = db.model(x)[0].detach().float().cpu().numpy()
+            finally:
+                db.stop()
+        return [(str(t), float(p)) for t, p in zip(db.model.tags, y) if not str(t).startswith("rating:")]
+
+    def blip_caption(self, image) -> str:
+        interrogator = getattr(self.webui.shared, "interrogator", None)
+        if interrogator is None:
+            raise ConfigError("the WebUI's BLIP interrogator is not available")
+        with self._turn():
+            if self.webui.lowvram is not None:
+                self.webui.lowvram.send_everything_to_cpu()
+            interrogator.load()
+            try:
+                return str(interrogator.generate_caption(image.convert("RGB")))
+            finally:
+                interrogator.unload()
+
+
+def api_auth_dependencies(api_auth: Optional[str]) -> list:
+    """FastAPI dependencies that honour the WebUI's --api-auth "user:pass,user2:pass2" (HTTP basic), like the
+    WebUI's own Api class; [] when it is not set. Routes added straight to the app get no auth otherwise."""
+    if not api_auth:
+        return []
+    import secrets
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    credentials = {}
+    for entry in str(api_auth).split(","):
+        user, sep, password = entry.strip().partition(":")
+        if sep and user:
+            credentials[user] = password
+
+    def check_api_auth(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
+        expected = credentials.get(given.username)
+        if expected is not None and secrets.compare_digest(given.password.encode(), expected.encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+    return [check_api_auth]
+
+
+def register_settings(shared) -> None:
+    """The "Train LoRA" section of the WebUI's settings (category Training)."""
+    section = ("lora_train", TAB_TITLE)        # add_option takes (id, title); the category goes apart
+
+    def option(default, label, info):
+        item = shared.OptionInfo(default, label, section=section, category_id="training")
+        return item.info(info) if hasattr(item, "info") else item
+    shared.opts.add_option(OPT_OUTPUT_DIR, option(
+        "", "Folder for trained LoRAs", "empty: the Lora folder (--lora-dir, models/Lora); each project gets a "
+        "sub-folder. A folder outside the Lora folder is not listed in the Lora tab"))
+    shared.opts.add_option(OPT_PROJECTS_DIR, option(
+        "", "Folder for training projects (images, captions)", "empty: lora_train/projects in the WebUI's data "
+        "folder; relative paths are inside the data folder"))
+
+
+STATUS_FILE = ".install_status.json"     # written by install.py in the extension's folder
+
+
+def install_failures(ext_dir: Optional[str]) -> list:
+    """What install.py reported it could not install (none when it never ran: --skip-install)."""
+    import json
+
+    try:
+        with open(os.path.join(ext_dir or "", STATUS_FILE), encoding="utf-8") as fh:
+            status = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return [f"install.py could not install {f.get('name')}: {f.get('error')}" for f in status.get("failed") or []]
+
+
+def dependency_problem(ext_dir: Optional[str], python: str):
+    """(message, fix command) when the extension cannot work in this Python, else (None, None)."""
+    from . import webui_deps
+
+    report = webui_deps.check()
+    failures = install_failures(ext_dir)
+    if not report.ok:
+        message = "\n".join([webui_deps.describe(report, python), *failures])
+        return message, webui_deps.fix_command(report, python)
+    try:   # installed but not importable (e.g. a diffusers too new for the WebUI's transformers)
+        import diffusers
+        import lycoris  # noqa: F401
+        diffusers.UNet2DConditionModel  # noqa: B018 - diffusers imports its modules lazily
+    except Exception as exc:  # noqa: BLE001
+        pins = f"diffusers=={webui_deps.REQUIRED[0].pin} lycoris-lora=={webui_deps.REQUIRED[1].pin}"
+        return (f"diffusers / lycoris-lora do not import in the WebUI's Python: {type(exc).__name__}: {exc}. "
+                f"Verified with this WebUI: {pins}."), f"{python} -m pip install --no-deps {pins}"
+    for line in failures + [webui_deps.describe(report, python)] * bool(report.problems):
+        log(line)            # optional packages only: the tab works without them
+    return None, None
+
+
+def dependency_tab(message: str, command: Optional[str]):
+    """The tab shown when the extension cannot work: what is missing and the command that fixes it."""
+    import html
+
+    import gradio as gr
+
+    body = "<br>".join(html.escape(line) for line in message.splitlines())
+    with gr.Blocks(analytics_enabled=False) as block:
+        gr.HTML(f"<h2>{TAB_TITLE} cannot start</h2><p>{body}</p>"
+                + (f"<p>Stop the WebUI, run this and start the WebUI again:</p><pre>{html.escape(command)}</pre>"
+                   if command else ""), elem_id="lora_train_dependency_problem")
+    return block
+

@@ -1,0 +1,308 @@
+"""The WebUI host on stand-ins of the WebUI's objects: folders, the loaded model shared (not copied), the queue lock,
+the Lora extension's leftovers cleared, the model bit-identical after a run / an interrupt / an error, progress in
+shared.state, the Lora list refresh, the taggers, and --api-auth."""
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from lib_lora_train.config import config_from_dict
+from lib_lora_train.demo.toy import make_toy_dataset
+from lib_lora_train.errors import ConfigError, ModelError
+from lib_lora_train.events import LOG, SAMPLE, START, STEP, Event
+from lib_lora_train.hosts import webui as webui_host
+from lib_lora_train.hosts.webui import WebUIHost, live_state_dict, step_text
+from lib_lora_train.hosts.webui_support import api_auth_dependencies
+from lib_lora_train.jobs import JobManager
+from lib_lora_train.prep.project import create_project
+from webui_standins import make_webui, same_as, snapshot
+
+FAST = {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2,
+        "learning_rate": 1e-3, "seed": 1, "cache_latents": True}
+
+
+@pytest.fixture
+def webui(tmp_path):
+    return make_webui(tmp_path)
+
+
+def cfg_for(host, **kw):
+    return config_from_dict({**host.base_config(), **kw})
+
+
+def toy_project(host, tmp_path, name="toy", n=4):
+    proj = create_project(host.paths.project_dir(name), name, trigger="zkz")
+    src = make_toy_dataset(tmp_path / "src", n_images=n)
+    shutil.move(str(src / "10_zkz"), os.path.join(proj.train_dir, "1_zkz"))
+    return proj
+
+
+def test_folders_settings_and_base_config(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    data = ns.paths.data_path
+    assert host.paths.projects == os.path.join(data, "lora_train", "projects")
+    assert host.paths.loras == ns.shared.cmd_opts.lora_dir
+    assert ns.sd_models.model_path in host.paths.models and ns.shared.cmd_opts.lora_dir in host.paths.models
+    ns.shared.opts.data.update(lora_train_output_dir="my_loras", lora_train_projects_dir=str(tmp_path / "p"))
+    assert host.paths.loras == os.path.join(data, "my_loras") and os.path.isdir(host.paths.loras)
+    assert host.paths.projects == str(tmp_path / "p")
+    assert host.base_config() == {"pretrained_model_name_or_path": ns.info.filename, "device": "cpu",
+                                  "mixed_precision": "no"}
+    assert "tiny_sd1.safetensors" in host.checkpoint_label()
+    ns.devices.device, ns.devices.dtype_unet = torch.device("cuda"), torch.float16
+    assert host.base_config()["device"] == "cuda" and host.base_config()["mixed_precision"] == "fp16"
+    ns.devices.device, ns.devices.dtype_unet = torch.device("cuda", 1), torch.bfloat16
+    assert host.base_config()["device"] == "cuda:1" and host.base_config()["mixed_precision"] == "bf16"
+    ns.devices.dtype_unet = torch.float32
+    assert host.base_config()["mixed_precision"] == "no"
+
+
+def test_session_shares_the_loaded_tensors_and_takes_the_queue_lock(webui):
+    w, ns = webui
+    host, sd_model, lock = WebUIHost(w), ns.shared.sd_model, ns.call_queue.queue_lock
+    live = live_state_dict(sd_model)
+    assert not any("wrapped" in k for k in live) and "cond_stage_model.transformer.text_model.embeddings." \
+        "token_embedding.weight" in live
+    ptrs = {t.data_ptr() for t in sd_model.state_dict().values()}
+    with host.training_session(cfg_for(host)) as model:
+        assert lock.locked() and ns.shared.state.begun == 1
+        for part in (model.unet, model.vae):
+            assert all(t.data_ptr() in ptrs for t in part.state_dict().values())     # no second copy
+        te = {k: t for k, t in model.text_encoder.state_dict().items() if not k.endswith("position_ids")}
+        assert all(t.data_ptr() in ptrs for t in te.values())
+        assert model.info.path == ns.info.filename and model.info.sha256 == ns.info.sha256
+        assert model.info.legacy_hash == ns.info.hash and model.info.name == "tiny_sd1.safetensors"
+        assert not any(p.requires_grad for p in model.unet.parameters())
+    assert not lock.locked() and ns.shared.state.ended == 1 and ns.shared.state.job == ""
+    assert all(p.requires_grad for p in sd_model.model.parameters())     # the WebUI's own flags untouched
+
+
+def test_session_clears_networks_left_applied_and_trains_on_clean_weights(webui):
+    w, ns = webui
+    host, sd_model, nets = WebUIHost(w), ns.shared.sd_model, ns.networks
+    clean = snapshot(sd_model)
+    a = sd_model.model.diffusion_model.input_blocks._modules["1"]._modules["1"].proj_in
+    b = sd_model.cond_stage_model.wrapped.transformer.text_model.encoder.layers._modules["0"].self_attn.q_proj
+    nets.bake(a)
+    nets.bake(b)
+    assert same_as(sd_model, clean) and nets.loaded_networks == ["some_lora"]
+    with host.training_session(cfg_for(host)) as model:
+        assert nets.loaded_networks == [] and same_as(sd_model, clean) == []
+        assert a.network_weights_backup is None and a.network_current_names == ()
+        unet_w = model.unet.down_blocks[0].attentions[0].proj_in.weight
+        assert torch.equal(unet_w, clean["model.diffusion_model.input_blocks.1.1.proj_in.weight"][3])
+
+
+@pytest.mark.parametrize("trap, message", [
+    ({"lowvram": True}, "--lowvram"),
+    ("sdxl", "SDXL"),
+    ("fp8", "FP8"),
+])
+def test_refusals_take_nothing_and_leave_nothing(tmp_path, trap, message):
+    w, ns = make_webui(tmp_path, **(trap if isinstance(trap, dict) else {}))
+    if trap == "sdxl":
+        ns.shared.sd_model.is_sdxl = True
+    if trap == "fp8":
+        ns.devices.fp8 = True
+    host = WebUIHost(w)
+    with pytest.raises((ConfigError, ModelError), match=message):
+        with host.training_session(cfg_for(host)):
+            pass
+    assert not ns.call_queue.queue_lock.locked() and ns.shared.state.job == ""
+
+
+def test_medvram_moves_the_parts_to_the_device_and_back_also_after_an_error(tmp_path):
+    w, ns = make_webui(tmp_path, medvram=True)
+    sd_model = ns.shared.sd_model
+    sd_model.lowvram = True
+    ns.devices.device = torch.device("cuda")       # never touched for real: the parts only record the move
+    parts = [sd_model.model, sd_model.first_stage_model, sd_model.cond_stage_model]
+    for p in parts:
+        p.fake_move = True
+    host = WebUIHost(w)
+    with pytest.raises(RuntimeError, match="boom"):
+        with host.training_session(cfg_for(host, device="cpu")):
+            assert [p.moves for p in parts] == [[torch.device("cuda")]] * 3
+            raise RuntimeError("boom")
+    assert [p.moves for p in parts] == [[torch.device("cuda"), torch.device("cpu")]] * 3
+    assert not ns.call_queue.queue_lock.locked()
+
+
+def test_a_config_naming_another_checkpoint_gets_no_model(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    with host.training_session(cfg_for(host, pretrained_model_name_or_path=str(tmp_path / "other.ckpt"))) as m:
+        assert m is None and ns.call_queue.queue_lock.locked()
+    assert not ns.call_queue.queue_lock.locked()
+    ns.shared.sd_model.forge_objects = object()      # Forge: no ldm modules to share; the engine reads the file
+    with host.training_session(cfg_for(host)) as m:
+        assert m is None and ns.call_queue.queue_lock.locked()
+
+
+def run_job(host, jobs, tmp_path, listener=None, **config):
+    toy_project(host, tmp_path)
+    if listener:
+        jobs.listeners.append(listener)
+    job = jobs.submit("toy", {**FAST, **config})
+    return jobs.wait(job.id, timeout=120)
+
+
+def test_a_run_on_the_loaded_model_leaves_it_bit_identical(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    jobs = JobManager(host)
+    sd_model, state, lock = ns.shared.sd_model, ns.shared.state, ns.call_queue.queue_lock
+    before = snapshot(sd_model)
+    seen = []
+    make_sink = host.progress_sink
+
+    def progress_sink(job, stop):         # what shared.state holds right after each step's event
+        sink = make_sink(job, stop)
+
+        def record(event):
+            sink(event)
+            if event.kind == STEP:
+                seen.append((lock.locked(), state.job_count, state.job_no, state.textinfo, state.job))
+        return record
+    host.progress_sink = progress_sink
+    prompts = os.path.join(host.paths.projects, "toy_prompts.txt")
+    with open(prompts, "w") as fh:
+        fh.write("zkz --w 64 --h 64 --s 2 --d 3\n")
+    job = run_job(host, jobs, tmp_path, sample_prompts=prompts, sample_every_n_epochs=1)
+    assert job.status == "done", job.error
+    assert same_as(sd_model, before) == []        # bits, dtype, device, requires_grad of every tensor
+    assert not os.path.exists(ns.info.filename)   # the checkpoint file was never needed (model from memory)
+    assert seen and all(s[0] for s in seen)       # generations waited for the whole run
+    assert [s[2] for s in seen] == list(range(1, len(seen) + 1)) and seen[-1][1] == len(seen)
+    assert seen[0][3].startswith("Epoch 1/1 · step 1/") and "\n" not in seen[0][3] and "ETA" in seen[0][3]
+    assert seen[0][4] == webui_host.task_id(job.id) and ns.progress.finished == [webui_host.task_id(job.id)]
+    assert isinstance(state.current_image, Image.Image)       # the epoch's sample became the live preview
+    assert not lock.locked() and state.job == "" and state.job_count == 0
+    out = os.path.join(ns.shared.cmd_opts.lora_dir, "toy", "toy.safetensors")
+    assert [o["path"] for o in job.outputs] == [out] and os.path.exists(out[:-12] + ".json")
+    assert ns.networks.refreshes == 1                          # the Lora list knows the new file at once
+    with safe_open(out, framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_new_sd_model_hash"] == ns.info.sha256 and meta["ss_sd_model_hash"] == ns.info.hash
+    assert meta["ss_sd_model_name"] == "tiny_sd1.safetensors"
+
+
+def test_the_webui_interrupt_stops_the_run_and_the_model_is_unchanged(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    jobs = JobManager(host)
+    before = snapshot(ns.shared.sd_model)
+
+    def listener(job, event):
+        if event.kind == STEP and event.data["step"] == 1:
+            ns.shared.state.interrupt()          # the WebUI's Interrupt button / POST /sdapi/v1/interrupt
+    job = run_job(host, jobs, tmp_path, listener, train_batch_size=1)
+    assert job.status == "interrupted" and job.step < 4 and job.state_dir and os.path.isdir(job.state_dir)
+    assert same_as(ns.shared.sd_model, before) == []
+    assert not ns.call_queue.queue_lock.locked() and ns.shared.state.interrupted is False
+
+
+def test_a_failing_run_releases_the_lock_and_restores_the_state(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    before = snapshot(ns.shared.sd_model)
+
+    def runner(cfg, model, sink, stop):
+        model.unet.requires_grad_(True)
+        model.unet.train()
+        raise RuntimeError("out of memory (pretend)")
+    jobs = JobManager(host, runner=runner)
+    job = run_job(host, jobs, tmp_path)
+    assert job.status == "failed" and "out of memory" in job.error
+    assert same_as(ns.shared.sd_model, before) == []
+    assert not ns.call_queue.queue_lock.locked() and ns.shared.state.job == "" and ns.shared.state.ended == 1
+
+
+def test_state_sink_and_interrupt_watcher(tmp_path, webui):
+    w, ns = webui
+    host = WebUIHost(w)
+    job = type("J", (), {"id": "abc", "output_name": "toy"})()
+    stop = threading.Event()
+    img = tmp_path / "s.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(img)
+    with host.training_session(cfg_for(host, pretrained_model_name_or_path=str(tmp_path / "x.ckpt"))):
+        sink = host.progress_sink(job, stop)
+        st = ns.shared.state
+        sink(Event(LOG, {"message": "caching latents\nsecond line"}))
+        assert st.textinfo == "caching latents"
+        sink(Event(START, {"total_steps": 20, "start_step": 0}))
+        assert st.job_count == 20 and st.job_no == 0
+        sink(Event(STEP, {"step": 3, "total_steps": 20, "epoch": 1, "epochs": 2, "loss": 0.123456,
+                          "it_per_s": 0.25, "eta_s": 68.0}))
+        assert st.job_no == 3 and st.textinfo == "Epoch 1/2 · step 3/20 · loss 0.1235 · 4.0 s/it · ETA 1:08"
+        sink(Event(SAMPLE, {"paths": [str(img)], "epoch": 1, "step": 3}))
+        assert st.current_image.getpixel((0, 0)) == (255, 0, 0)
+        assert not stop.is_set()
+        st.interrupt()                               # no event needed: the watcher sees it
+        assert stop.wait(5)
+    assert "it/s" in step_text({"it_per_s": 2.5, "eta_s": 4000})
+
+
+class FakeDeepBooru:
+    def __init__(self, lock):
+        self.lock, self.calls = lock, []
+        self.model = torch.nn.Module()
+        self.model.tags = ["1girl", "rating:safe", "red_background"]
+        self.model.forward = lambda x: torch.tensor([[0.9, 0.99, 0.4]])
+
+    def start(self):
+        self.calls.append(("start", self.lock.locked()))
+
+    def stop(self):
+        self.calls.append(("stop", self.lock.locked()))
+
+
+class FakeInterrogator:
+    def __init__(self, state):
+        self.state, self.loaded = state, 0
+
+    def load(self):
+        self.loaded += 1
+
+    def unload(self):
+        self.loaded -= 1
+
+    def generate_caption(self, image):
+        self.state.begin("interrogate")       # what interrogate() does to an outer job's progress
+        return "a red square"
+
+
+def test_taggers_use_the_webui_models_under_the_lock_and_keep_the_progress(webui):
+    w, ns = webui
+    lock, st = ns.call_queue.queue_lock, ns.shared.state
+    assert WebUIHost(w).taggers() is None
+    w.deepbooru = type("M", (), {"model": FakeDeepBooru(lock)})()
+    ns.shared.interrogator = FakeInterrogator(st)
+    taggers = WebUIHost(w).taggers()
+    st.job_count, st.job_no, st.textinfo = 10, 4, "Epoch 1"
+    img = Image.new("RGB", (32, 32), (200, 0, 0))
+    tags = taggers.deepbooru_tags(img)
+    assert [t for t, _ in tags] == ["1girl", "red_background"] and tags[0][1] == pytest.approx(0.9)
+    assert w.deepbooru.model.calls == [("start", True), ("stop", True)] and not lock.locked()
+    assert taggers.blip_caption(img) == "a red square" and ns.shared.interrogator.loaded == 0
+    assert (st.job_count, st.job_no, st.textinfo) == (10, 4, "Epoch 1")
+
+
+def test_api_auth_dependency_like_the_webui():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    assert api_auth_dependencies(None) == [] and api_auth_dependencies("") == []
+    app = FastAPI()
+    app.add_api_route("/x", lambda: {"ok": True}, dependencies=[
+        __import__("fastapi").Depends(d) for d in api_auth_dependencies("user:pass,other:pa:ss")])
+    client = TestClient(app)
+    assert client.get("/x").status_code == 401
+    assert client.get("/x", auth=("user", "wrong")).status_code == 401
+    assert client.get("/x", auth=("user", "pass")).json() == {"ok": True}
+    assert client.get("/x", auth=("other", "pa:ss")).status_code == 200
