@@ -54,10 +54,14 @@ def test_tab_builds_with_stable_ids_and_no_launch(ui):
     assert set(STABLE_IDS) <= ids
     assert all(i.startswith("lora_train_") for i in ids if i)
     assert not getattr(blocks, "is_running", False)
-    # the WebUI keys its saved defaults (ui-config.json) by label: two fields with one label would share one
+    # the WebUI keys its saved defaults (ui-config.json) by label: two fields with one label would share one,
+    # so the tab opts out of it (it keeps its own form per project)
     kinds = ("Textbox", "Number", "Dropdown", "Radio", "Checkbox", "Slider")
-    labels = [b.label for b in blocks.blocks.values() if type(b).__name__ in kinds]
-    assert len(labels) == len(set(labels))
+    inputs = [b for b in blocks.blocks.values() if type(b).__name__ in kinds]
+    assert inputs and all(getattr(b, "do_not_save_to_config", False) for b in inputs)
+    # labels of the training sections stay unique (the tools' sub-tabs repeat "Ratio", "Output name", ...)
+    ctx_labels = [c.label for c in ctx.c.values() if type(c).__name__ in kinds]
+    assert len(ctx_labels) == len(set(ctx_labels))
 
 
 def test_create_import_and_check_report(ui, tmp_path):

@@ -89,7 +89,7 @@ def save_options(ctx: UIContext, project_name: str | None, *values: Any) -> Resu
 
 
 SECTIONS = (("Project & images", "project"), ("Preprocess", "preprocess"), ("Tags", "tags"),
-            ("Parameters", "params"), ("Train", "train"), ("History", "history"))
+            ("Parameters", "params"), ("Train", "train"), ("History", "history"), ("Tools", "tools"))
 
 
 def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
@@ -114,9 +114,16 @@ def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
                         params_section.build(ctx)
                     elif key == "train":
                         train_section.build(ctx)
-                    else:
+                    elif key == "history":
                         history_section.build(ctx)
+                    else:
+                        from .tools_section import build_tools_section
+                        build_tools_section(host, jobs)
         _wire(ctx, blocks)
+    # The tab keeps its own form per project (form_store); the WebUI's ui-config.json, keyed by label, would
+    # otherwise tie same-labelled fields of different sections (the Tools sub-tabs) to one saved value.
+    for block in blocks.blocks.values():
+        block.do_not_save_to_config = True
     blocks.lora_train_ctx = ctx   # tests and the standalone page reach the handlers' context through it
     if mapping:
         translate_blocks(blocks, mapping)
