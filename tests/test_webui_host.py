@@ -306,3 +306,49 @@ def test_api_auth_dependency_like_the_webui():
     assert client.get("/x", auth=("user", "wrong")).status_code == 401
     assert client.get("/x", auth=("user", "pass")).json() == {"ok": True}
     assert client.get("/x", auth=("other", "pa:ss")).status_code == 200
+
+
+def test_live_merge_through_the_webui_host_clears_lora_leftovers_and_restores_exactly(tmp_path, webui):
+    """The Tools section's "Load into the live model": the WebUI host's live model merges into the loaded
+    weights under the queue lock, starting from the checkpoint's own weights (the Lora extension's baked-in
+    leftovers undone first), refuses while training, and restores bit for bit."""
+    from lib_lora_train.hosts.live_merge import LiveMerger
+    from lib_lora_train.models import load_sd_model
+    from lib_lora_train.networks import save_network_file
+    from test_tools_support import random_network
+
+    w, ns = webui
+    host, sd_model, nets = WebUIHost(w), ns.shared.sd_model, ns.networks
+    clean = snapshot(sd_model)
+    proj_in = sd_model.model.diffusion_model.input_blocks._modules["1"]._modules["1"].proj_in
+    nets.bake(proj_in)                                   # a generation with <lora:...> left this behind
+    lora = tmp_path / "l.safetensors"
+    base = load_sd_model(live_state_dict(sd_model))
+    save_network_file(lora, random_network(base, "networks.lora", 4, 4, [], seed=3).save_tensors(), {})
+
+    live = host.live_model
+    assert live is not None and live.label()
+    merger = LiveMerger(lambda: host.live_model)
+    handle = merger.apply([str(lora)], [1.0], None)
+    assert nets.loaded_networks == [] and proj_in.network_weights_backup is None
+    changed = same_as(sd_model, clean)
+    assert changed and all(k.startswith(("model.", "cond_stage_model.")) for k in changed)
+    assert not w.call_queue.queue_lock.locked()          # taken for the write only
+    merger.restore(handle)
+    assert same_as(sd_model, clean) == []                # the checkpoint's weights, not the baked-in ones
+
+    host._session = object()                              # a training run holds the model
+    try:
+        with pytest.raises(ConfigError, match="training"):
+            merger.apply([str(lora)], [1.0], None)
+    finally:
+        host._session = None
+    assert same_as(sd_model, clean) == []
+
+
+def test_merged_checkpoints_are_listed_by_the_webui(webui):
+    w, ns = webui
+    calls = []
+    w.sd_models.list_models = lambda: calls.append(1)
+    WebUIHost(w).checkpoints_written(["x.safetensors"])
+    assert calls == [1]

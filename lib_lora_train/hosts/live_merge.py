@@ -157,6 +157,9 @@ class LiveMerger:
             raise ConfigError(f"the loaded model cannot be changed now: {busy}")
         t0 = time.time()
         with self._guard, _lock(live):
+            # First, so the merge is computed from (and restores to) the weights a host's own patcher would
+            # also restore to, not from its leftovers (the WebUI's Lora extension merges in place).
+            _hook(live, "before_write")
             view = live.state_dict_view()
             work = dict(view)
             report = merge_into_state_dict(work, specs, merge_dtype=merge_dtype, sink=sink, stop=stop)
@@ -165,7 +168,6 @@ class LiveMerger:
                 raise Interrupted("live merge stopped on request; the model is unchanged")
             keys = list(report.changed_keys)
             backup = {k: view[k].detach().to(self.backup_device, copy=True) for k in keys}
-            _hook(live, "before_write")
             written: list[str] = []
             try:
                 with torch.no_grad():
@@ -202,6 +204,7 @@ class LiveMerger:
                                   f"(or restore all)")
             live = self.live()
             with _lock(live):
+                _hook(live, "before_write")     # a host patcher's leftovers undone first (they sit on our merge)
                 view = live.state_dict_view()
                 missing = [k for k in handle.keys if k not in view]
                 changed = [k for k in handle.keys if k in view and not _same(_fingerprint(view[k]), handle.written[k])]
@@ -211,7 +214,6 @@ class LiveMerger:
                         f"the loaded model's weights changed after the merge was applied ({len(what)} tensors, "
                         f"e.g. {what[0]}): another checkpoint was loaded or something else rewrote them. "
                         f"Restoring would write stale weights; reload the checkpoint instead, or discard the merge")
-                _hook(live, "before_write")
                 with torch.no_grad():
                     for k in handle.keys:
                         if k in view:

@@ -336,6 +336,23 @@ class WebUIHost:
             f"with the loaded model (no copy)")
         return model
 
+    @property
+    def live_model(self):
+        """The loaded model for the Tools section's live merge (None when none is loaded or on Forge, whose
+        model is not one torch module)."""
+        sd_model = self._loaded_model()
+        if sd_model is None or hasattr(sd_model, "forge_objects") or not hasattr(sd_model, "named_parameters"):
+            return None
+        from .webui_support import WebUILiveModel
+
+        return WebUILiveModel(self, sd_model)
+
+    def checkpoints_written(self, paths: list) -> None:
+        """A merged checkpoint was written: list it in the WebUI's checkpoint dropdown."""
+        list_models = getattr(self.webui.sd_models, "list_models", None)
+        if callable(list_models):
+            list_models()
+
     # ------------------------------------------------------------------ progress, outputs, taggers
     def progress_sink(self, job, stop: threading.Event):
         session = self._session

@@ -4,7 +4,7 @@ the objects come in through the `WebUI` bundle or as arguments.
 """
 import contextlib
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import ConfigError
 from .webui import OPT_OUTPUT_DIR, OPT_PROJECTS_DIR, TAB_TITLE, WebUI, log
@@ -162,3 +162,30 @@ def dependency_tab(message: str, command: Optional[str]):
                    if command else ""), elem_id="lora_train_dependency_problem")
     return block
 
+
+
+class WebUILiveModel:
+    """The WebUI's loaded model as a hosts.live_merge.LiveModel, for the Tools section's "Load into the live
+    model": the lock is the WebUI's queue lock (generations wait while weights change), and before a write the
+    built-in Lora extension's in-place merges are undone so our merge starts from (and restores to) the
+    checkpoint's own weights."""
+
+    def __init__(self, host: Any, sd_model: Any):
+        from .live_merge import ModuleLiveModel
+
+        self._host, self._sd_model = host, sd_model
+        self._view = ModuleLiveModel(sd_model, host.webui.call_queue.queue_lock)
+        self.lock = self._view.lock
+
+    def state_dict_view(self) -> Any:
+        return self._view.state_dict_view()
+
+    def label(self) -> str:
+        info = getattr(self._sd_model, "sd_checkpoint_info", None)
+        return getattr(info, "title", None) or getattr(info, "name", None) or "the loaded checkpoint"
+
+    def before_write(self) -> None:
+        self._host._clear_networks(self._sd_model)
+
+    def busy(self) -> Any:
+        return "a training run uses the model" if self._host._session is not None else None
