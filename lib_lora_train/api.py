@@ -205,7 +205,7 @@ def _record_validation(rec: Dict[str, Any], epochs: List[Dict[str, Any]]) -> Lis
     pairs = [(e.get("epoch"), e.get("validation_loss")) for e in epochs if e.get("validation_loss") is not None]
     if not pairs:
         pairs = [(v.get("epoch"), v.get("loss")) for v in rec.get("validation") or []
-                 if isinstance(v, dict) and v.get("kind") == "epoch" and v.get("loss") is not None]
+                 if isinstance(v, dict) and (v.get("at") or v.get("kind")) == "epoch" and v.get("loss") is not None]
     return pairs
 
 

@@ -32,7 +32,12 @@ class Event:
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "time": round(self.time, 3), **self.data}
+        out = {"kind": self.kind, "time": round(self.time, 3)}
+        for key, value in self.data.items():
+            # a data field named like a header field (SAVED's "kind": epoch | step | final) keeps its value
+            # under "data_<name>" instead of replacing the event's own kind
+            out["data_" + key if key in ("kind", "time") else key] = value
+        return out
 
 
 EventSink = Callable[[Event], None]

@@ -30,7 +30,7 @@ import torch
 from . import world
 
 DEFAULT_OUT = Path(__file__).with_name("tiny_base.safetensors")
-REFERENCE_MINUTES = 25.0      # what the default step counts take on 2 CPU cores (roughly)
+REFERENCE_MINUTES = 30.0      # what the default step counts take on 2 idle CPU cores (roughly)
 LATENT_SCALE = 0.18215
 
 
@@ -50,16 +50,16 @@ class PretrainConfig:
     world_images: int = 6000
     generic_images: int = 3000
     # autoencoder: most steps on 32 px crops (4x cheaper), then full images
-    vae_crop_steps: int = 3000
-    vae_full_steps: int = 400
+    vae_crop_steps: int = 2000
+    vae_full_steps: int = 300
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
     edge_weight: float = 0.5      # L1 on image gradients too: sharper edges than plain L1
     # denoiser
-    unet_steps: int = 4000
-    unet_batch: int = 64
+    unet_steps: int = 2500
+    unet_batch: int = 48
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
 
@@ -310,7 +310,19 @@ def write_preview(path: Path, out: Path, seed: int = 1) -> None:
 
 # ---------------------------------------------------------------- main
 
-def pretrain(cfg: PretrainConfig, out: Path, preview: Path | None = None) -> Path:
+def _stage_file(work: Path | None, cfg: PretrainConfig) -> Path | None:
+    """Where the finished autoencoder stage is kept, keyed by everything it depends on (so a rerun after an
+    interruption skips it, and a changed config never reuses a stale one)."""
+    if work is None:
+        return None
+    import hashlib
+    vae_keys = {k: v for k, v in asdict(cfg).items() if k.startswith(("vae_", "world_", "generic_", "kl_", "edge_"))
+                or k in ("seed", "threads")}
+    digest = hashlib.sha256(json.dumps(vae_keys, sort_keys=True).encode()).hexdigest()[:12]
+    return work / f"vae_stage_{digest}.pt"
+
+
+def pretrain(cfg: PretrainConfig, out: Path, preview: Path | None = None, work: Path | None = None) -> Path:
     from ..models.ckpt import save_checkpoint
     from ..models.tokenizer import clip_tokenizer
 
@@ -322,11 +334,22 @@ def pretrain(cfg: PretrainConfig, out: Path, preview: Path | None = None) -> Pat
     world_t = _to_tensor(w_images)
     unet, vae, te = build_modules(cfg)
 
-    _log(f"training the autoencoder: {cfg.vae_steps} steps")
-    train_vae(vae, torch.cat([world_t, _to_tensor(generic)]), cfg)
+    stage = _stage_file(work, cfg)
+    if stage is not None and stage.exists():
+        saved = torch.load(stage, weights_only=True)
+        vae.load_state_dict(saved["vae"])
+        vae.eval()
+        latents = saved["latents"]
+        _log(f"autoencoder stage reused from {stage}")
+    else:
+        _log(f"training the autoencoder: {cfg.vae_steps} steps")
+        train_vae(vae, torch.cat([world_t, _to_tensor(generic)]), cfg)
+        latents = normalise_latents(vae, encode_means(vae, world_t))
+        if stage is not None:
+            stage.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"vae": vae.state_dict(), "latents": latents}, stage)
     for p in vae.parameters():
         p.requires_grad_(False)
-    latents = normalise_latents(vae, encode_means(vae, world_t))
     _log(f"  latents x {LATENT_SCALE}: std {(latents * LATENT_SCALE).std().item():.3f}   "
          f"{time.time() - start:.0f}s so far")
 
@@ -354,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results can depend on it)")
     ap.add_argument("--preview", type=Path, default=None, help="also write a PNG grid of samples")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the finished autoencoder stage here, so an interrupted build restarts at the UNet")
     args = ap.parse_args(argv)
     cfg = PretrainConfig(seed=args.seed, threads=args.threads)
     if args.minutes is not None:
         cfg = cfg.scaled(args.minutes)
-    pretrain(cfg, args.out, args.preview)
+    pretrain(cfg, args.out, args.preview, args.work)
     return 0
 
 

@@ -87,11 +87,11 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
         "ss_huber_c": cfg.huber_c,
         "ss_fp8_base": False,
         "ss_fp8_base_unet": False,
-        "ss_validation_seed": None,
-        "ss_validation_split": 0.0,
-        "ss_max_validation_steps": None,
-        "ss_validate_every_n_epochs": None,
-        "ss_validate_every_n_steps": None,
+        "ss_validation_seed": cfg.validation_seed,
+        "ss_validation_split": cfg.validation_split,
+        "ss_max_validation_steps": cfg.max_validation_steps,
+        "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
+        "ss_validate_every_n_steps": cfg.validate_every_n_steps,
         "ss_resize_interpolation": None,
     }
     datasets = data_summary.get("datasets") or []
