@@ -29,6 +29,19 @@ WEBUI = webui_host.WebUI(shared=shared, devices=devices, call_queue=call_queue, 
 HOST, JOBS = webui_host.host_and_jobs(WEBUI, ext_dir=EXT_DIR)
 
 
+def register_xyz_axes():
+    """"LoRA epoch" and "LoRA weight" on the WebUI's X/Y/Z plot (idempotent: also after "Reload UI")."""
+    try:
+        from lib_lora_train.hosts import webui_xyz
+        if not webui_xyz.ensure_axes(scripts, lambda: HOST.paths.loras):
+            print("[lora-train] X/Y/Z plot script not found: no LoRA epoch/weight axes", flush=True)
+    except Exception:  # noqa: BLE001 - the tab works without the axes
+        traceback.print_exc()
+
+
+register_xyz_axes()     # the WebUI's own xyz_grid.py is loaded before extension scripts
+
+
 def on_ui_tabs():
     problem, command = webui_support.dependency_problem(EXT_DIR, sys.executable)
     if problem is None:
@@ -50,12 +63,18 @@ def on_app_started(demo, app):
         return
     auth = webui_support.api_auth_dependencies(getattr(shared.cmd_opts, "api_auth", None))
     api.mount(app, JOBS, dependencies=auth)     # routes added to the app directly: the WebUI's auth is not on them
+    try:
+        from lib_lora_train.compare_api import mount_compare
+        mount_compare(app, JOBS, HOST, dependencies=auth)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
 
 
 def on_ui_settings():
     webui_support.register_settings(shared)
 
 
+script_callbacks.on_before_ui(register_xyz_axes)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -21,7 +21,8 @@ class Callbacks(types.ModuleType):
     def __init__(self):
         super().__init__("modules.script_callbacks")
         self.registered = {}
-        for name in ("ui_tabs", "app_started", "ui_settings", "before_reload", "script_unloaded", "model_loaded"):
+        for name in ("ui_tabs", "app_started", "ui_settings", "before_reload", "script_unloaded", "model_loaded",
+                     "before_ui"):
             setattr(self, f"on_{name}", lambda fn, name=None, _k=name: self.registered.setdefault(_k, []).append(fn))
 
 
@@ -67,7 +68,7 @@ def test_registers_api_and_settings_and_keeps_one_job_manager(webui):
     from fastapi.testclient import TestClient
 
     first = load_script()
-    assert set(webui.callbacks.registered) == {"ui_tabs", "app_started", "ui_settings"}
+    assert set(webui.callbacks.registered) == {"ui_tabs", "app_started", "ui_settings", "before_ui"}
     assert first.EXT_DIR == ROOT and first.HOST.webui.networks is None    # found in sys.modules when needed
     webui.callbacks.registered["ui_settings"][0]()
     labels = webui.shared.opts.data_labels
@@ -77,7 +78,8 @@ def test_registers_api_and_settings_and_keeps_one_job_manager(webui):
     webui.callbacks.registered["app_started"][0](None, app)
     client = TestClient(app)
     assert client.get("/lora-train/v1/projects").status_code == 200
-    assert "/lora-train/v1/runs" in client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/lora-train/v1/runs" in paths and "/lora-train/v1/runs/{run_id}/compare" in paths
     # "Reload UI" executes the script again: the same host and job manager (running jobs survive)
     second = load_script()
     assert second.JOBS is first.JOBS and second.HOST is first.HOST

@@ -347,6 +347,17 @@ class WebUIHost:
 
         return WebUILiveModel(self, sd_model)
 
+    def compare_grid(self, request, *, stop=None, progress=None):
+        """The Compare view's grid, made by the WebUI's own X/Y/Z plot script with our axes."""
+        from .webui_xyz import run_compare_grid
+
+        return run_compare_grid(self.webui, request, stop=stop, progress=progress)
+
+    def sampler_names(self) -> list:
+        from .webui_xyz_runtime import sampler_names
+
+        return sampler_names(self.webui)
+
     def checkpoints_written(self, paths: list) -> None:
         """A merged checkpoint was written: list it in the WebUI's checkpoint dropdown."""
         list_models = getattr(self.webui.sd_models, "list_models", None)
@@ -365,6 +376,9 @@ class WebUIHost:
         if nets is not None:
             nets.list_available_networks()
             log(f"Lora list refreshed: {', '.join(os.path.basename(p) for p in paths)}")
+        with contextlib.suppress(Exception):     # Additional Networks, when installed, lists them too
+            from .webui_xyz_runtime import addnet_refresh
+            addnet_refresh(self.webui, sorted({os.path.dirname(p) for p in paths}))
 
     def taggers(self):
         if self.webui.deepbooru is None and getattr(self.webui.shared, "interrogator", None) is None:

@@ -65,9 +65,21 @@ def run(args: argparse.Namespace) -> int:
     page = build_app(host, jobs, lang=args.lang)
     page.queue()
     print(f"Train LoRA: data in {host.data_dir}, base model {host.default_checkpoint}", flush=True)
-    page.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False,
-                allowed_paths=[host.data_dir])
+    app, _, _ = page.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False,
+                            allowed_paths=[host.data_dir], prevent_thread_lock=True)
+    mount_api(app, host, jobs)
+    print(f"HTTP API: http://{args.host}:{args.port}/lora-train/v1/ (documented on /docs)", flush=True)
+    page.block_thread()
     return 0
+
+
+def mount_api(app: Any, host: Any, jobs: Any) -> None:
+    """The same /lora-train/v1 routes as inside the WebUI, on the page's own server."""
+    from ..api import mount
+    from ..compare_api import mount_compare
+
+    mount(app, jobs)
+    mount_compare(app, jobs, host)
 
 
 def register(subparsers: Any) -> None:

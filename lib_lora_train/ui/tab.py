@@ -89,7 +89,8 @@ def save_options(ctx: UIContext, project_name: str | None, *values: Any) -> Resu
 
 
 SECTIONS = (("Project & images", "project"), ("Preprocess", "preprocess"), ("Tags", "tags"),
-            ("Parameters", "params"), ("Train", "train"), ("History", "history"), ("Tools", "tools"))
+            ("Parameters", "params"), ("Train", "train"), ("Compare", "compare"), ("History", "history"),
+            ("Tools", "tools"))
 
 
 def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
@@ -116,6 +117,9 @@ def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
                         train_section.build(ctx)
                     elif key == "history":
                         history_section.build(ctx)
+                    elif key == "compare":
+                        from .compare_section import build_compare_section
+                        build_compare_section(host, jobs)
                     else:
                         from .tools_section import build_tools_section
                         build_tools_section(host, jobs)

@@ -1,0 +1,309 @@
+"""The Compare view's request and result, how a host makes the grid, and `POST /lora-train/v1/runs/{id}/compare`.
+
+`CompareRequest` is what the tab and the HTTP API ask for; `run_compare(host, request)` answers it with a
+`CompareResult`: through `host.compare_grid(request)` when the host has one (the WebUI: its own X/Y/Z plot
+script, hosts/webui_xyz.py), else with the engine's standalone grid (lib_lora_train.compare, diffusers'
+DPM++ 2M Karras), saved beside the run with its infotext, labels and loss table.
+
+`mount_compare(app, jobs, host)` adds the route. FastAPI is imported only there, so the tab can use the types
+without it; handlers follow lib_lora_train/api.py (same run lookup, 404 unknown run, 400 bad input, 409 a run
+still training or a grid interrupted).
+"""
+import base64
+import inspect
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .errors import ConfigError, Interrupted
+
+DEFAULT_WEIGHTS = (0.4, 0.6, 0.8, 1.0)
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+DEFAULT_STEPS = 20
+DEFAULT_CFG = 7.0
+MAX_SIDE = 2048
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class CompareRequest:
+    record_path: str                          # the run's <name>.run.json
+    epochs: Optional[List[int]] = None        # None / empty: every epoch file of the run
+    weights: Optional[List[float]] = None     # None / empty: 0.4, 0.6, 0.8, 1.0
+    prompt: str = ""                          # empty: the run's trigger word
+    negative_prompt: str = ""
+    seed: int = -1                            # -1: one random seed for every cell
+    steps: int = DEFAULT_STEPS
+    width: Optional[int] = None               # None: the run's resolution
+    height: Optional[int] = None
+    sampler_name: str = DEFAULT_SAMPLER
+    cfg_scale: float = DEFAULT_CFG
+
+
+@dataclass
+class CompareResult:
+    image: Any                                # PIL image: the grid, labels drawn
+    row_labels: List[str]                     # one per epoch, top to bottom
+    col_labels: List[str]                     # one per weight, left to right
+    epochs: List[int]
+    files: List[str]
+    weights: List[float]
+    prompt: str
+    seed: int
+    infotext: str
+    ranking: Any                              # lib_lora_train.compare.Ranking
+    method: str                               # "engine" | "lora_train" | "addnet" | "prompt_sr"
+    interrupted: bool = False
+    saved: Optional[str] = None               # the grid file (or the WebUI's grid folder)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything but the picture (an API answer adds it as base64)."""
+        from .compare.ranking import table_text
+        return {"row_labels": list(self.row_labels), "col_labels": list(self.col_labels), "epochs": list(self.epochs),
+                "files": list(self.files), "weights": list(self.weights), "prompt": self.prompt, "seed": self.seed,
+                "infotext": self.infotext, "method": self.method, "interrupted": self.interrupted,
+                "saved": self.saved, "validation": self.ranking.to_dict(), "table": table_text(self.ranking)}
+
+    def png_bytes(self) -> bytes:
+        from PIL.PngImagePlugin import PngInfo
+        info = PngInfo()
+        if self.infotext:
+            info.add_text("parameters", self.infotext)
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+
+
+def parse_weights(values: Any) -> List[float]:
+    """Weights from a list or a text like "0.4, 0.6 0.8" (the engine's rules: numbers in -4..4)."""
+    from .compare.grid import parse_weights as engine_parse
+    if isinstance(values, str):
+        values = [values] if values.strip() else None
+    return engine_parse(values)
+
+
+def check_request(request: CompareRequest) -> None:
+    """Limits both hosts share; a bad value fails before any work."""
+    if not 1 <= int(request.steps) <= 150:
+        raise ConfigError(f"steps: expected 1..150, got {request.steps}")
+    for key in ("width", "height"):
+        v = getattr(request, key)
+        if v is not None and not (64 <= int(v) <= MAX_SIDE and int(v) % 8 == 0):
+            raise ConfigError(f"{key}: expected a multiple of 8 in 64..{MAX_SIDE}, got {v}")
+    if not os.path.isfile(request.record_path or ""):
+        raise ConfigError(f"run record not found: {request.record_path}")
+
+
+def choose_files(run: Any, epochs: Optional[Sequence[int]]) -> list:
+    """The run's epoch files to draw: all, or those of `epochs` (each must have a file)."""
+    if not run.files:
+        gone = f" (listed but missing: {', '.join(run.missing)})" if run.missing else ""
+        raise ConfigError(f"{run.record_path}: the run has no epoch files to compare{gone}")
+    if not epochs:
+        return list(run.files)
+    wanted = sorted({int(e) for e in epochs})
+    absent = [e for e in wanted if run.file_for(e) is None]
+    if absent:
+        have = ", ".join(str(f.epoch) for f in run.files)
+        raise ConfigError(f"epochs: no file for epoch {', '.join(map(str, absent))}; this run has files for "
+                          f"epochs {have}")
+    return [run.file_for(e) for e in wanted]
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def run_compare(host: Any, request: CompareRequest, *, stop: Optional[threading.Event] = None,
+                progress: Optional[Progress] = None) -> CompareResult:
+    """The grid for `request`: the host's own (host.compare_grid) or the engine's standalone one."""
+    check_request(request)
+    own = getattr(host, "compare_grid", None)
+    if callable(own):
+        kw = {k: v for k, v in (("stop", stop), ("progress", progress)) if v is not None and _accepts(own, k)}
+        return own(request, **kw)
+    return engine_compare(request, stop=stop, progress=progress)
+
+
+def engine_compare(request: CompareRequest, *, model: Any = None, stop: Optional[threading.Event] = None,
+                   progress: Optional[Progress] = None, save: bool = True) -> CompareResult:
+    """The standalone grid (diffusers' sampler, the LoRA merged at each weight), saved beside the run."""
+    from .compare.cli import default_out_path
+    from .compare.grid import compare_grid, save_compare_grid
+    from .compare.runs import open_run
+
+    run = open_run(request.record_path)
+    choose_files(run, request.epochs)                 # the same message as the WebUI host for a bad epoch
+    grid = compare_grid(run, model=model, epochs=request.epochs or None, weights=parse_weights(request.weights),
+                        prompts=[request.prompt] if request.prompt.strip() else None,
+                        negative_prompt=request.negative_prompt or None,
+                        seed=None if int(request.seed) < 0 else int(request.seed), steps=int(request.steps),
+                        width=request.width, height=request.height, sampler=request.sampler_name or None,
+                        cfg_scale=float(request.cfg_scale), progress=progress, stop=stop)
+    saved = save_compare_grid(grid, default_out_path(run)) if save else None
+    return CompareResult(image=grid.image, row_labels=list(grid.row_labels), col_labels=list(grid.col_labels),
+                         epochs=list(grid.epochs), files=list(grid.files), weights=list(grid.weights),
+                         prompt=grid.prompts[0], seed=grid.seed, infotext=grid.infotext, ranking=grid.ranking,
+                         method="engine", saved=saved)
+
+
+# ---------------------------------------------------------------------------------------------- runs to offer
+@dataclass
+class RunChoice:
+    label: str            # what a dropdown shows: "project / name · date · status"
+    record_path: str
+    project: str
+    output_name: str
+    created: float
+
+
+def compare_runs(host: Any, jobs: Any = None) -> List[RunChoice]:
+    """Runs that have a record, newest first: the records under <loras>/<project>/ plus this process's jobs
+    (a job's record may sit elsewhere only if the host's folders changed)."""
+    import time
+
+    from .record import RECORD_SUFFIX, read_run_record
+
+    root = host.paths.loras
+    found: Dict[str, RunChoice] = {}
+
+    def add(path: str, project: str) -> None:
+        real = os.path.realpath(path)
+        if real in found:
+            return
+        try:
+            rec = read_run_record(path)
+        except (OSError, ValueError):
+            return
+        if not isinstance(rec, dict):
+            return
+        created = float(rec.get("created") or 0)
+        name = str(rec.get("output_name") or os.path.basename(path)[:-len(RECORD_SUFFIX)])
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "?"
+        label = f"{project} / {name} · {when} · {rec.get('status') or '?'}"
+        found[real] = RunChoice(label, path, project, name, created)
+
+    for entry in sorted(os.scandir(root), key=lambda e: e.name) if os.path.isdir(root) else []:
+        if entry.is_dir() and not entry.name.startswith("."):
+            for f in sorted(os.listdir(entry.path)):
+                if f.endswith(RECORD_SUFFIX):
+                    add(os.path.join(entry.path, f), entry.name)
+    for job in jobs.list() if jobs is not None else []:
+        if job.record_path and os.path.isfile(job.record_path):
+            add(job.record_path, job.project)
+    out = sorted(found.values(), key=lambda c: -c.created)
+    seen: Dict[str, int] = {}
+    for c in out:                      # labels are dropdown values: make them unique
+        n = seen.get(c.label, 0)
+        seen[c.label] = n + 1
+        if n:
+            c.label = f"{c.label} ({n + 1})"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the route
+def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequence[Any]] = None) -> Any:
+    from fastapi import APIRouter, HTTPException
+    from pydantic import BaseModel, Field
+
+    from .api import TAG, LoraTrainAPI, _as_dependencies, _errors, _finite
+    from .errors import LoraTrainError
+
+    class CompareBody(BaseModel):
+        epochs: Optional[List[int]] = Field(None, description="Epoch numbers to draw (default: every epoch file)")
+        weights: Optional[List[float]] = Field(None, description="LoRA weights, one column each "
+                                                                  "(default 0.4, 0.6, 0.8, 1.0)")
+        prompt: str = Field("", description="Prompt (default: the run's trigger word); the LoRA is added by the "
+                                            "grid, do not write a <lora:...> for it")
+        negative_prompt: str = Field("", description="Negative prompt")
+        seed: int = Field(-1, description="One seed for every cell (-1: random, reported back)")
+        steps: int = Field(DEFAULT_STEPS, description="Sampling steps, 1..150")
+        width: Optional[int] = Field(None, description="Width, a multiple of 8 (default: the run's resolution)")
+        height: Optional[int] = Field(None, description="Height, a multiple of 8 (default: the run's resolution)")
+        sampler_name: str = Field(DEFAULT_SAMPLER, description="Sampler (the WebUI's names; default DPM++ 2M "
+                                                               "Karras)")
+        cfg_scale: float = Field(DEFAULT_CFG, description="CFG scale")
+
+    class ValidationRow(BaseModel):
+        epoch: int = Field(..., description="Epoch (0: before training)")
+        step: Optional[int] = Field(None, description="Global step at the end of the epoch")
+        validation_loss: Optional[float] = Field(None, description="Loss on held-out images at fixed noise")
+        train_loss: Optional[float] = Field(None, description="The epoch's average training loss")
+        file: Optional[str] = Field(None, description="The epoch's LoRA file")
+        rank: Optional[int] = Field(None, description="1 = lowest validation loss among epochs with a file")
+        suggested: bool = Field(False, description="The suggested epoch")
+
+    class Validation(BaseModel):
+        rows: List[ValidationRow] = Field(default_factory=list, description="One row per epoch")
+        suggested_epoch: Optional[int] = Field(None, description="Epoch with the lowest validation loss")
+        verdict: str = Field("no_data", description="overfitting | undertrained | trained | no_data")
+        explanation: str = Field("", description="What the curves say, in plain words")
+        source: Optional[str] = Field(None, description="held_out | training_images | null")
+
+    class CompareAnswer(BaseModel):
+        id: str = Field(..., description="The run's id")
+        image: str = Field(..., description="The grid as a base64 PNG (with its infotext)")
+        row_labels: List[str] = Field(..., description="Row labels, top to bottom (one per epoch)")
+        col_labels: List[str] = Field(..., description="Column labels, left to right (one per weight)")
+        epochs: List[int] = Field(..., description="Epoch of each row")
+        files: List[str] = Field(..., description="LoRA file of each row")
+        weights: List[float] = Field(..., description="Weight of each column")
+        prompt: str = Field(..., description="The prompt used (without the LoRA token the grid adds)")
+        seed: int = Field(..., description="The seed every cell used")
+        infotext: str = Field("", description="The grid's generation parameters")
+        method: str = Field(..., description="engine | lora_train | addnet | prompt_sr: who made the grid")
+        interrupted: bool = Field(False, description="True when Interrupt stopped the grid (cells left blank)")
+        saved: Optional[str] = Field(None, description="Where the grid was saved")
+        validation: Validation = Field(..., description="Epochs ranked by validation loss")
+        table: str = Field("", description="The validation-loss table as text")
+
+    api = LoraTrainAPI(jobs)
+    router = APIRouter(dependencies=_as_dependencies(dependencies), tags=[TAG])
+
+    @router.post("/runs/{run_id}/compare", response_model=CompareAnswer, summary="Epoch x weight grid of a run",
+                 responses=_errors(400, 404, 409))
+    def post_compare(run_id: str, body: CompareBody) -> CompareAnswer:
+        """Draw every chosen epoch file of the run at every weight with one seed (rows: epochs, columns:
+        weights) and rank the epochs by validation loss. In the WebUI the grid is made by its X/Y/Z plot script
+        (its sampler, prompt syntax and Lora loading) and saved like any grid; elsewhere by the engine. Answers
+        when the grid is done."""
+        job, past = api.find(run_id)
+        if job is not None and job.active:
+            raise HTTPException(409, f"run '{run_id}' is {job.status}; compare its epochs when it has finished")
+        record = job.record_path if job is not None else past.record_path
+        if not record or not os.path.isfile(record):
+            raise HTTPException(409, f"run '{run_id}' has no run record yet")
+        data = (getattr(body, "model_dump", None) or body.dict)()      # pydantic 2 / pydantic 1
+        request = CompareRequest(record_path=record, **data)
+        try:
+            result = run_compare(host, request)
+        except Interrupted as exc:
+            raise HTTPException(409, f"the grid was interrupted: {exc}") from None
+        except LoraTrainError as exc:
+            raise HTTPException(400, str(exc)) from None
+        d = _finite(result.to_dict())
+        return CompareAnswer(id=run_id, image=base64.b64encode(result.png_bytes()).decode("ascii"), **d)
+
+    return router
+
+
+def mount_compare(app_or_router: Any, jobs: Any, host: Any, *, prefix: str = "/lora-train/v1",
+                  dependencies: Optional[Sequence[Any]] = None) -> Any:
+    """Add the compare route under `prefix` to a FastAPI app (or a router not yet included anywhere)."""
+    router = build_compare_router(jobs, host, dependencies=dependencies)
+    app_or_router.include_router(router, prefix=prefix.rstrip("/"))
+    if hasattr(app_or_router, "openapi_schema"):
+        app_or_router.openapi_schema = None     # a cached schema would hide the new route
+    return router
+
+
+__all__ = ["CompareRequest", "CompareResult", "RunChoice", "DEFAULT_WEIGHTS", "DEFAULT_SAMPLER", "check_request",
+           "choose_files", "compare_runs", "engine_compare", "parse_weights", "run_compare", "build_compare_router",
+           "mount_compare"]

@@ -1,0 +1,209 @@
+"""The Compare section: what choosing a run fills in, the grid handler (host grid), Stop, Send to txt2img, elem_ids,
+the Chinese strings."""
+import json
+import os
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from lib_lora_train.compare.ranking import rank_epochs
+from lib_lora_train.compare_api import CompareResult
+from lib_lora_train.hosts.base import BasicHost, HostPaths
+from lib_lora_train.jobs import JobManager
+from lib_lora_train.ui import compare_section as cs
+
+gr = pytest.importorskip("gradio")
+
+from lib_lora_train.ui.i18n import components, visible_strings  # noqa: E402
+
+ZH = os.path.join(os.path.dirname(cs.__file__), "compare_zh_CN.json")
+
+
+def make_run(loras, project="proj", name="cmp", epochs=3, val=(0.3, 0.2, 0.25)):
+    folder = loras / project
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for e in range(1, epochs + 1):
+        stem = name if e == epochs else f"{name}-{e:06d}"
+        (folder / f"{stem}.safetensors").write_bytes(b"x")
+        outputs.append({"path": str(folder / f"{stem}.safetensors"), "epoch": e, "kind": "final" if e == epochs
+                        else "epoch"})
+    rec = {"run_id": "r1", "output_name": name, "created": 10, "status": "done", "outputs": outputs,
+           "config": {"resolution": "512,768"}, "dataset": {"tag_frequency": {"1_zkz": {"zkz": 3, "smile": 1}}},
+           "validation": [{"epoch": e, "loss": v, "at": "epoch"} for e, v in enumerate(val, 1)],
+           "epochs": [{"epoch": e, "avg_loss": 0.1} for e in range(1, epochs + 1)]}
+    (folder / f"{name}.run.json").write_text(json.dumps(rec), encoding="utf-8")
+    return str(folder / f"{name}.run.json")
+
+
+class GridHost(BasicHost):
+    name = "webui"
+
+    def __init__(self, paths, delay=0.0):
+        super().__init__(paths)
+        self.delay, self.requests, self.stops = delay, [], []
+
+    def compare_grid(self, request, *, stop=None, progress=None):
+        self.requests.append(request)
+        end = time.time() + self.delay
+        while time.time() < end and not (stop and stop.is_set()):
+            if progress:
+                progress(1, 4)
+            time.sleep(0.02)
+        self.stops.append(bool(stop and stop.is_set()))
+        ranking = rank_epochs({1: 0.3, 2: 0.2}, files={1: "cmp-000001.safetensors", 2: "cmp-000002.safetensors"})
+        return CompareResult(image=Image.new("RGB", (30, 20)), row_labels=["cmp-000001 (epoch 1)", "cmp-000002"],
+                             col_labels=["LoRA weight: 0.5"], epochs=request.epochs, files=["a", "b"],
+                             weights=request.weights, prompt=request.prompt, seed=9, infotext="", ranking=ranking,
+                             method="lora_train", interrupted=bool(stop and stop.is_set()), saved="/out/grids")
+
+
+def build(host):
+    with gr.Blocks() as blocks:
+        sec = cs.build_compare_section(host, JobManager(host))
+    return blocks, sec
+
+
+@pytest.fixture
+def env(tmp_path):
+    paths = HostPaths(str(tmp_path / "projects"), str(tmp_path / "loras"))
+    record = make_run(tmp_path / "loras")
+    return paths, record
+
+
+def test_components_ids_and_defaults(env):
+    paths, record = env
+    blocks, sec = build(BasicHost(paths))
+    ids = [getattr(b, "elem_id", None) for b in components(blocks)]
+    ids = [i for i in ids if i]
+    assert ids and all(i.startswith("lora_train_compare_") for i in ids)
+    by_id = {b.elem_id: b for b in components(blocks) if getattr(b, "elem_id", None)}
+    (label,) = sec.runs
+    assert by_id["lora_train_compare_run"].value == label and sec.runs[label] == record
+    assert by_id["lora_train_compare_epochs"].value == ["epoch 1: cmp-000001", "epoch 2: cmp-000002", "epoch 3: cmp"]
+    assert by_id["lora_train_compare_weights"].value == "0.4, 0.6, 0.8, 1"
+    assert by_id["lora_train_compare_prompt"].value == "zkz"                 # the trigger word
+    assert (by_id["lora_train_compare_width"].value, by_id["lora_train_compare_height"].value) == (512, 768)
+    assert by_id["lora_train_compare_sampler"].value == "DPM++ 2M Karras"
+    assert by_id["lora_train_compare_send_file"].value == "cmp-000002"       # the suggested epoch
+    assert by_id["lora_train_compare_send"].value == "Show the prompt text"  # no txt2img outside the WebUI
+
+
+def test_every_visible_string_has_a_translation(env):
+    paths, _ = env
+    with open(ZH, encoding="utf-8") as fh:
+        zh = json.load(fh)
+    for host in (BasicHost(paths), GridHost(paths)):
+        blocks, _ = build(host)
+        missing = [(t, w) for t, w in visible_strings(blocks) if t not in zh]
+        assert not missing
+    assert zh["★ suggested"]
+
+
+def test_run_view_ranks_and_explains(env):
+    paths, record = env
+    sec = cs.CompareSection(BasicHost(paths), None)
+    (label,) = sec.run_labels()
+    v = sec.run_view(label)
+    assert v["table"][0][:4] == [2, 0.2, 0.1, 1] and v["table"][0][5] == "★ suggested"
+    assert [r[0] for r in v["table"]] == [2, 3, 1]
+    assert "overfitting" in v["explanation"]
+    os.remove(os.path.join(os.path.dirname(record), "cmp-000001.safetensors"))
+    v = sec.run_view(label)
+    assert v["epochs"][0] == ["epoch 2: cmp-000002", "epoch 3: cmp"] and "cmp-000001" in v["explanation"]
+
+
+def test_grid_handler_through_the_host(env):
+    paths, record = env
+    host = GridHost(paths)
+    sec = cs.CompareSection(host, None)
+    (label,) = sec.run_labels()
+    values = [label, ["epoch 1: cmp-000001", "epoch 2: cmp-000002"], "0.5", "zkz, smile", "bad", 4, 3, 64, 64,
+              "Euler a"]
+    outs = list(sec.make_grid(*values))
+    last = outs[-1]
+    (req,) = host.requests
+    assert (req.record_path, req.epochs, req.weights, req.prompt, req.negative_prompt, req.seed, req.steps,
+            req.width, req.height, req.sampler_name) == (record, [1, 2], [0.5], "zkz, smile", "bad", 4, 3, 64, 64,
+                                                         "Euler a")
+    assert last["image"].size == (30, 20) and last["status"].startswith("Done: 2 epochs x 1 weights, seed 9")
+    assert "Rows (epochs): cmp-000001 (epoch 1) | cmp-000002" in last["labels"]
+    assert "Columns (weights): LoRA weight: 0.5" in last["labels"]
+    assert any(r[5] == "★ suggested" for r in last["table"])
+    bad = list(sec.make_grid(label, [], "0.5", "", "", -1, 20, None, None, ""))
+    assert bad[-1]["status"].startswith("Error: tick at least one")
+    bad = list(sec.make_grid(label, ["epoch 1: cmp-000001"], "x", "", "", -1, 20, None, None, ""))
+    assert "not a number" in bad[-1]["status"]
+
+
+def test_stop_ends_a_running_grid(env):
+    paths, _ = env
+    host = GridHost(paths, delay=5.0)
+    sec = cs.CompareSection(host, None)
+    (label,) = sec.run_labels()
+    outs = []
+    gen = sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, "", interval=0.05)
+    t = threading.Thread(target=lambda: outs.extend(gen))
+    t.start()
+    deadline = time.time() + 3
+    while not any("1/4 cells" in o.get("status", "") for o in outs) and time.time() < deadline:
+        time.sleep(0.02)                                    # the handler reports the host's progress
+    second = list(sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, ""))
+    assert second[-1]["status"].startswith("A grid is already being made") and len(host.requests) == 1
+    assert sec.stop().startswith("Stopping")
+    t.join(5)
+    assert host.stops == [True] and outs[-1]["status"].startswith("Stopped")
+    assert any("1/4 cells" in o.get("status", "") for o in outs[:-1])
+    assert sec.stop() == "Nothing is running."
+
+
+def test_send_to_txt2img_text_and_js(env):
+    paths, _ = env
+    sec = cs.CompareSection(BasicHost(paths), None)
+    (label,) = sec.run_labels()
+    assert sec.send(label, "cmp-000002", 0.8) == "<lora:cmp-000002:0.8> zkz"
+    assert cs.send_text("x", "1") == "<lora:x:1>"
+    blocks, _ = build(GridHost(paths))                      # name "webui": the click hands the text to the JS
+    deps = blocks.config["dependencies"]
+    assert any("loraTrainCompareToTxt2img" in str(d.get("js") or "") for d in deps)
+    blocks, _ = build(BasicHost(paths))
+    assert not any("loraTrainCompareToTxt2img" in str(d.get("js") or "") for d in blocks.config["dependencies"])
+    js = open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(cs.__file__))), "javascript",
+                           "lora_train_compare.js"), encoding="utf-8").read()
+    assert "function loraTrainCompareToTxt2img" in js and "#txt2img_prompt textarea" in js
+
+
+def _events(blocks):
+    """(elem_id of the trigger, fn, inputs, outputs) of every event the section wired (gradio 3.41 / 4.x)."""
+    out = []
+    for dep, fn in zip(blocks.dependencies, blocks.fns):
+        targets = [t[0] if isinstance(t, (tuple, list)) else t for t in dep["targets"]]
+        for t in targets:
+            out.append((blocks.blocks[t].elem_id, fn.fn, dep["inputs"], dep["outputs"]))
+    return out
+
+
+def test_wired_events_give_one_value_per_output(env):
+    paths, record = env
+    host = GridHost(paths)
+    blocks, sec = build(host)
+    (label,) = sec.runs
+    events = {}
+    for elem, fn, ins, outs in _events(blocks):
+        if fn is not None:
+            events[elem] = (fn, ins, outs)
+    fn, ins, outs = events["lora_train_compare_run"]
+    values = fn(label)
+    assert len(ins) == 1 and len(values) == len(outs)
+    assert values[1] == "zkz" and values[5:7] == [512, 768]
+    fn, ins, outs = events["lora_train_compare_make"]
+    steps = list(fn(label, ["epoch 2: cmp-000002"], "0.5, 1", "zkz", "", 1, 2, 64, 64, "Euler a"))
+    assert len(ins) == 10 and all(len(s) == len(outs) for s in steps)
+    assert steps[-1][1].size == (30, 20) and host.requests[-1].epochs == [2]
+    fn, ins, outs = events["lora_train_compare_send"]
+    assert fn(label, "cmp", 0.6) == "<lora:cmp:0.6> zkz"
+    assert fn(label, None, 1).startswith("Error:")
+    fn, _, _ = events["lora_train_compare_refresh"]
+    assert fn(label)["value"] == label and fn("gone")["value"] == label
