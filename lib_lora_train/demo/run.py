@@ -24,12 +24,12 @@ DEMO_SETTINGS = {
     "network_module": "networks.lora",
     "network_dim": 8,
     "network_alpha": 8,
-    "learning_rate": 2e-3,
-    "text_encoder_lr": 5e-4,
+    "learning_rate": 1e-2,
+    "text_encoder_lr": 2e-3,
     "optimizer_type": "AdamW",
     "lr_scheduler": "constant",
-    "max_train_epochs": 4,
-    "save_every_n_epochs": 1,
+    "max_train_epochs": 6,
+    "save_every_n_epochs": 2,
     "train_batch_size": 4,
     "cache_latents": True,
     "seed": 0,
@@ -75,7 +75,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, bar: bool = True, settings:
     network = create_network(net_cfg, model.unet, model.text_encoder)
     specs = [parse_prompt_line(line) for line in demo_prompts()]
     epochs = sorted(p for p in result.outputs if p != str(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"))
-    columns = [("base model (no LoRA)", None)] + [(f"epoch {i + 1}", p) for i, p in enumerate(epochs)] \
+    columns = [("base model (no LoRA)", None)] + [(f"epoch {int(Path(p).stem.rsplit('-', 1)[1])}", p) for p in epochs] \
         + [("final LoRA", str(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"))]
     cells: list[list] = [[] for _ in specs]
     network.apply_to()
