@@ -352,3 +352,43 @@ def test_merged_checkpoints_are_listed_by_the_webui(webui):
     w.sd_models.list_models = lambda: calls.append(1)
     WebUIHost(w).checkpoints_written(["x.safetensors"])
     assert calls == [1]
+
+
+def test_live_merge_and_restore_drop_the_webui_cond_cache(tmp_path, webui, monkeypatch):
+    """The WebUI caches the last prompt's conds keyed by prompt and settings, not by weights ("Persistent cond
+    cache", on by default): after the text encoder changes in place, a repeated prompt must be encoded again
+    (seen in the real v1.10.1: without this the merge's text-encoder part had no effect on the same prompt)."""
+    import sys
+    import types
+
+    from lib_lora_train.hosts.live_merge import LiveMerger
+    from lib_lora_train.models import load_sd_model
+    from lib_lora_train.networks import save_network_file
+    from test_tools_support import random_network
+
+    class StableDiffusionProcessing:
+        cached_c, cached_uc = ["key", "c"], ["key", "uc"]
+
+    class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+        cached_hr_c, cached_hr_uc = ["key", "hr_c"], ["key", "hr_uc"]
+
+    processing = types.ModuleType("modules.processing")
+    processing.StableDiffusionProcessing = StableDiffusionProcessing
+    processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+
+    def caches():
+        return [StableDiffusionProcessing.cached_c, StableDiffusionProcessing.cached_uc,
+                StableDiffusionProcessingTxt2Img.cached_hr_c, StableDiffusionProcessingTxt2Img.cached_hr_uc]
+
+    w, ns = webui
+    host, sd_model = WebUIHost(w), ns.shared.sd_model
+    lora = tmp_path / "l.safetensors"
+    save_network_file(lora, random_network(load_sd_model(live_state_dict(sd_model)), "networks.lora", 4, 4, [],
+                                           seed=3).save_tensors(), {})
+    merger = LiveMerger(lambda: host.live_model)
+    handle = merger.apply([str(lora)], [1.0], None)
+    assert caches() == [[None, None]] * 4
+    StableDiffusionProcessing.cached_c = ["key", "conds of the merged weights"]
+    merger.restore(handle)
+    assert caches() == [[None, None]] * 4

@@ -4,6 +4,7 @@ the objects come in through the `WebUI` bundle or as arguments.
 """
 import contextlib
 import os
+import sys
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -163,12 +164,12 @@ def dependency_tab(message: str, command: Optional[str]):
     return block
 
 
-
 class WebUILiveModel:
     """The WebUI's loaded model as a hosts.live_merge.LiveModel, for the Tools section's "Load into the live
     model": the lock is the WebUI's queue lock (generations wait while weights change), and before a write the
     built-in Lora extension's in-place merges are undone so our merge starts from (and restores to) the
-    checkpoint's own weights."""
+    checkpoint's own weights; after a write the WebUI's cached prompt conds are dropped (they were encoded with
+    the old text-encoder weights)."""
 
     def __init__(self, host: Any, sd_model: Any):
         from .live_merge import ModuleLiveModel
@@ -187,5 +188,31 @@ class WebUILiveModel:
     def before_write(self) -> None:
         self._host._clear_networks(self._sd_model)
 
+    def after_write(self, keys: Any) -> None:
+        clear_cond_cache()
+
     def busy(self) -> Any:
         return "a training run uses the model" if self._host._session is not None else None
+
+
+# The processing classes' class-level caches of the last prompt's text-encoder output ([key, conds]). The key is
+# the prompt and settings (plus <lora:...> tokens), not the weights, and with "Persistent cond cache" (the
+# default) they outlive a generation.
+COND_CACHES = {"StableDiffusionProcessing": ("cached_c", "cached_uc"),
+               "StableDiffusionProcessingTxt2Img": ("cached_hr_c", "cached_hr_uc")}
+
+
+def clear_cond_cache(processing: Any = None) -> int:
+    """Forget the WebUI's cached prompt conditionings, so the next generation encodes its prompts with the text
+    encoder's current weights (a live merge or restore changes them in place; without this a repeated prompt
+    would reuse conds of the old weights). `processing`: modules.processing (default: the imported one).
+    Returns how many caches were reset."""
+    processing = processing if processing is not None else sys.modules.get("modules.processing")
+    count = 0
+    for cls_name, attrs in COND_CACHES.items():
+        cls = getattr(processing, cls_name, None)
+        for attr in attrs if cls is not None else ():
+            if isinstance(getattr(cls, attr, None), list):
+                setattr(cls, attr, [None, None])
+                count += 1
+    return count
