@@ -324,14 +324,19 @@ class ToolsSection:
                 self.resize_tab()
         outs = self.lora_dropdowns + self.ckpt_dropdowns
 
-        def refresh_all():
+        def refresh_all(*current):
             loras = act.list_loras(self.host)
             ckpts = list(act.checkpoint_choices(self.host))
+            # an empty checkpoint field takes the default (inside the WebUI the tab is built before the model
+            # loads, so at first there is no default to show)
+            chosen = current[len(self.lora_dropdowns):]
             return ([gr.update(choices=loras) for _ in self.lora_dropdowns]
-                    + [gr.update(choices=ckpts) for _ in self.ckpt_dropdowns])
+                    + [gr.update(choices=ckpts, value=value or (ckpts[0] if ckpts else None))
+                       for value in chosen])
 
         for button in self._refreshers:
-            button.click(fn=refresh_all, inputs=[], outputs=outs, queue=False)
+            button.click(fn=refresh_all, inputs=list(self.lora_dropdowns) + list(self.ckpt_dropdowns),
+                         outputs=outs, queue=False)
 
 
 def build_tools_section(host, jobs) -> None:
