@@ -10,6 +10,7 @@ the host's folders.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import threading
@@ -134,6 +135,15 @@ def _lines(event: Event) -> str | None:
     if event.kind == DONE:
         return f"done: {d.get('steps')} steps"
     return None
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes the keyword `name` (tests' fake runners take only cfg, model, sink, stop)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class JobManager:
@@ -308,7 +318,12 @@ class JobManager:
                 runner = self._runner
                 if runner is None:
                     from .training.loop import train as runner
-                result = runner(cfg, model=model, sink=sink, stop=job.stop_event)
+                extra = {}
+                # The host's own preview pipeline (the WebUI's) only when the run trains the host's model.
+                renderer = getattr(self.host, "preview_renderer", None) if model is not None else None
+                if renderer is not None and _accepts(runner, "preview_renderer"):
+                    extra["preview_renderer"] = renderer
+                result = runner(cfg, model=model, sink=sink, stop=job.stop_event, **extra)
             status = "interrupted" if getattr(result, "status", "done") == "interrupted" else "done"
             job.record_path = getattr(result, "record_path", None) or job.record_path
             job.state_dir = getattr(result, "state_dir", None) or job.state_dir

@@ -353,6 +353,12 @@ class WebUIHost:
 
         return run_compare_grid(self.webui, request, stop=stop, progress=progress)
 
+    @property
+    def preview_renderer(self):
+        """Training previews made by the WebUI's own txt2img pipeline (the jobs pass it to the engine)."""
+        from .webui_previews import make_preview_renderer
+        return make_preview_renderer(self.webui, self._clear_networks)
+
     def sampler_names(self) -> list:
         from .webui_xyz_runtime import sampler_names
 
@@ -370,6 +376,10 @@ class WebUIHost:
         if session is None:
             return None
         return session.attach(self.webui, job, stop)
+
+    def progress_task_id(self, job_id: str) -> str:
+        """The id the tab's JS hands to the WebUI's requestProgress() to draw the WebUI's bar for this job."""
+        return task_id(job_id)
 
     def outputs_written(self, paths: list) -> None:
         nets = self._networks()
@@ -400,6 +410,12 @@ def _restore_backup(module, weights, bias) -> None:
         target.bias.copy_(bias)
 
 
+def _stop_asked(state) -> bool:
+    """The WebUI's Interrupt: `interrupted`, or `stopping_generation`, which its top-row button sets first when
+    "Don't Interrupt in the middle" is on (the default) and job_count > 1 (always, for a run of several steps)."""
+    return bool(getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False))
+
+
 class _Session:
     """One run's tie to `shared.state`: the sink and a watcher for the WebUI's Interrupt."""
 
@@ -419,7 +435,7 @@ class _Session:
 
         def watch() -> None:     # Interrupt can come while no event flows (model building, latent caching)
             while not self._closed.wait(0.2):
-                if getattr(state, "interrupted", False):
+                if _stop_asked(state):
                     stop.set()
                     return
         self._watcher = threading.Thread(target=watch, name="lora-train-interrupt", daemon=True)
@@ -485,7 +501,7 @@ class _StateSink:
             st.textinfo = f"Done: {d.get('steps')} steps"
         elif event.kind == ERROR:
             st.textinfo = f"Error: {str(d.get('message', ''))[:200]}"
-        if getattr(st, "interrupted", False):
+        if _stop_asked(st):
             self.stop.set()
 
 

@@ -91,8 +91,10 @@ def _save_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 
 def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
-          stop: threading.Event | None = None) -> RunResult:
-    """Run one training job. `model` (an SDModel) is used as given when a host already holds one."""
+          stop: threading.Event | None = None, preview_renderer=None) -> RunResult:
+    """Run one training job. `model` (an SDModel) is used as given when a host already holds one.
+    `preview_renderer(lora_path, specs, weight) -> [PIL images]`: a host's own pipeline for the previews (the
+    WebUI's), given the network saved to a file at that moment; on its failure the built-in sampler makes them."""
     from ..models import encode_prompts, ensure_hashes, load_sd_model
     from ..models.text import tokenize  # noqa: F401  (kept importable for hosts that pre-tokenize)
     from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
@@ -206,7 +208,11 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             emit(Event(STATE_SAVED, {"path": path, "epoch": epoch, "step": global_step}))
             return path
 
-        sampler = _Previews(cfg, model, network, emit)
+        def write_preview_lora(path: str, epoch: int, step: int) -> None:
+            meta = md.for_save(run_meta, cfg, model_info=info, step=step, epoch=epoch)
+            save_network_file(path, network.save_tensors(_save_dtype(cfg)), meta, overwrite=True)
+
+        sampler = _Previews(cfg, model, network, emit, renderer=preview_renderer, write_lora=write_preview_lora)
         validator = Validator(cfg, data, model, latents, emit, autocast=lambda: _autocast(device, autocast_dtype))
         record.set(validation_source={"source": validator.source, "images": len(validator.items)}
                    if validator.enabled else None)
@@ -455,8 +461,9 @@ def _prune_old_epochs(cfg: TrainConfig, done_epochs: int, emit) -> None:
 class _Previews:
     """sample_prompts every n epochs / steps, made with the network applied as it is at that moment."""
 
-    def __init__(self, cfg: TrainConfig, model, network, emit):
+    def __init__(self, cfg: TrainConfig, model, network, emit, *, renderer=None, write_lora=None):
         self.cfg, self.model, self.network, self.emit = cfg, model, network, emit
+        self.renderer, self.write_lora = renderer, write_lora
         self.specs = None
         if cfg.sample_prompts:
             from ..sampling.pipeline import sampler_key
@@ -478,8 +485,11 @@ class _Previews:
         from ..sampling.grid import save_png_with_text
         from ..sampling.pipeline import generate
         folder = os.path.join(self.cfg.output_dir, "sample")
-        images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip, device=self.model.unet.device,
-                          default_sampler=self.cfg.sample_sampler, eval_modules=[self.network])
+        images = self._host_images(folder, epoch, step) if self.renderer is not None else None
+        if images is None:
+            images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip,
+                              device=self.model.unet.device, default_sampler=self.cfg.sample_sampler,
+                              eval_modules=[self.network])
         stamp = time.strftime("%Y%m%d%H%M%S")
         tag = f"e{epoch:06d}" if self.cfg.sample_every_n_epochs or step == 0 else f"{step:06d}"
         paths = []
@@ -489,3 +499,23 @@ class _Previews:
             save_png_with_text(img, path, {"parameters": img.info.get("parameters", spec.prompt)})
             paths.append(path)
         self.emit(Event(SAMPLE, {"paths": paths, "epoch": epoch, "step": step}))
+
+    def _host_images(self, folder: str, epoch: int, step: int):
+        """The host's renderer on the network saved as it is now; None (and a warning) when it fails: a preview
+        never fails a run. The file is temporary; the host's LoRA loader finds it by its name."""
+        path = os.path.join(folder, f".preview-{self.cfg.output_name}.safetensors")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.write_lora(path, epoch, step)
+            specs = [dataclasses.replace(s, sampler=s.sampler or self.cfg.sample_sampler) for s in self.specs]
+            images = list(self.renderer(path, specs, 1.0))
+            if len(images) != len(specs):
+                raise RuntimeError(f"{len(images)} images for {len(specs)} prompts")
+            return images
+        except Exception as exc:  # noqa: BLE001 - any failure: the built-in sampler instead
+            self.emit(Event(WARNING, {"message": f"previews: the host's pipeline failed ({type(exc).__name__}: "
+                                                 f"{exc}); made with the built-in sampler instead"}))
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
