@@ -207,6 +207,20 @@ def test_the_webui_interrupt_stops_the_run_and_the_model_is_unchanged(tmp_path, 
     assert not ns.call_queue.queue_lock.locked() and ns.shared.state.interrupted is False
 
 
+def test_the_webui_stop_after_this_image_also_stops_the_run(tmp_path, webui):
+    """With "Don't Interrupt in the middle" the WebUI's Interrupt first sets only stopping_generation."""
+    w, ns = webui
+    host = WebUIHost(w)
+    jobs = JobManager(host)
+
+    def listener(job, event):
+        if event.kind == STEP and event.data["step"] == 1:
+            ns.shared.state.stopping_generation = True
+    job = run_job(host, jobs, tmp_path, listener, train_batch_size=1)
+    assert job.status == "interrupted" and job.step < 4
+    assert ns.shared.state.stopping_generation is False
+
+
 def test_a_failing_run_releases_the_lock_and_restores_the_state(tmp_path, webui):
     w, ns = webui
     host = WebUIHost(w)

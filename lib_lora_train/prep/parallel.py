@@ -6,6 +6,8 @@ other thread running, CUDA not initialised); otherwise `spawn`.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.machinery
 import multiprocessing
 import os
 import sys
@@ -48,6 +50,26 @@ def _start_method(requested: str | None) -> str:
     return "spawn"
 
 
+PACKAGE = __name__.split(".")[0]
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@contextlib.contextmanager
+def _importable_in_workers(ctx: Any):
+    """Spawned workers import this package from the parent's sys.path, and inside the WebUI the extension's
+    folder is on sys.path only while the WebUI loads the extension's script. While the pool lives, that folder is
+    added at the end of sys.path (nothing of the host's is shadowed) and removed again afterwards."""
+    if ctx.get_start_method() == "fork" or importlib.machinery.PathFinder.find_spec(PACKAGE, sys.path) is not None:
+        yield
+        return
+    sys.path.append(PACKAGE_PARENT)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(PACKAGE_PARENT)
+
+
 def _init_worker() -> None:
     # this process is ours: make sure a truncated file raises here even if the host relaxed it for itself
     from PIL import ImageFile
@@ -77,7 +99,8 @@ def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int | None = N
                 on_result(i, results[i])
         return results
     ctx = multiprocessing.get_context(_start_method(start_method))
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker) as pool:
+    with _importable_in_workers(ctx), ProcessPoolExecutor(max_workers=n, mp_context=ctx,
+                                                          initializer=_init_worker) as pool:
         futures = [pool.submit(fn, job) for job in jobs]
         for i, fut in enumerate(futures):
             if stop is not None and stop.is_set():

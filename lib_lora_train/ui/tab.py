@@ -23,7 +23,7 @@ TAG_DEFAULTS = {"tag_tagger": "no tagger", "tag_model": "", "tag_csv": "", "tag_
                 "tag_existing": "replace"}
 OPTION_KEYS = ["import_path"] + PP_KEYS + TAG_KEYS          # saved with the form, not parameters
 DATA_OUTPUTS = tags_section.VIEW_KEYS + params_section.ESTIMATE_KEYS
-OPEN_OUTPUTS = (["project", "trigger", "purpose", "preset"] + OPTION_KEYS + list(FORM_KEYS)
+OPEN_OUTPUTS = (["project", "base_model", "trigger", "purpose", "preset"] + OPTION_KEYS + list(FORM_KEYS)
                 + params_section.ESTIMATE_KEYS + tags_section.VIEW_KEYS + ["tag_filter", "tag_status", "tag_selected"]
                 + history_section.VIEW_KEYS + ["history_status"] + train_section.VIEW_KEYS
                 + ["check_report", "check_gallery", "pp_status"])
@@ -40,7 +40,8 @@ def open_view(ctx: UIContext, name: str | None) -> Result:
     """Everything the tab shows for project `name` (None: no project): used on page load, on opening and on
     creating a project. Remembers the project as the one open last."""
     names = project_names(ctx)
-    out: Result = {"project": update(choices=names, value=name if name in names else None)}
+    out: Result = {"project": update(choices=names, value=name if name in names else None),
+                   "base_model": ctx.host.checkpoint_label()}   # the WebUI loads its model after the tab is built
     if name not in names:
         name = None
     out.update(train_section.job_view(ctx, train_section.job_for(ctx, name)))

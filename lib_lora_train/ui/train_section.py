@@ -42,7 +42,14 @@ def _clock(seconds: Any) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def progress_html(job, tr=lambda s: s) -> str:
+def progress_task_id(ctx: UIContext, job) -> str:
+    """The host's progress-task id of a job ("" where the host has none): inside the WebUI the tab's JS hands
+    it to the WebUI's requestProgress(), which draws the WebUI's own bar for the run."""
+    fn = getattr(ctx.host, "progress_task_id", None)
+    return str(fn(job.id) or "") if job is not None and callable(fn) else ""
+
+
+def progress_html(job, tr=lambda s: s, task_id: str = "") -> str:
     if job is None:
         return f'<div class="lora-train-progress-text">{html.escape(tr("No run in this session yet."))}</div>'
     total = job.total_steps or 0
@@ -59,7 +66,8 @@ def progress_html(job, tr=lambda s: s) -> str:
         parts.append(f"{tr('took')} {_clock(job.finished - job.started)}")
     text = html.escape(" · ".join(parts))
     return (f'<div class="lora-train-progress" data-status="{html.escape(job.status)}" data-step="{job.step}" '
-            f'data-total="{total}"><div class="lora-train-progress-bar" style="width:{frac * 100:.1f}%"></div>'
+            f'data-total="{total}" data-task-id="{html.escape(task_id)}">'
+            f'<div class="lora-train-progress-bar" style="width:{frac * 100:.1f}%"></div>'
             f'</div><div class="lora-train-progress-text">{text}</div>')
 
 
@@ -81,9 +89,9 @@ def job_view(ctx: UIContext, job) -> Result:
     if job.error:
         status += f" - {job.error}"
     outputs = "\n".join(f"{o['name']}  {o['path']}" for o in job.outputs)
-    return {"train_status": status, "progress": progress_html(job, ctx.tr), "loss_chart": chart_html(svg),
-            "train_log": "\n".join(job.log), "sample_image": sample, "train_outputs": outputs,
-            "train_seen": f"{job.id}:{job.version}"}
+    return {"train_status": status, "progress": progress_html(job, ctx.tr, progress_task_id(ctx, job)),
+            "loss_chart": chart_html(svg), "train_log": "\n".join(job.log), "sample_image": sample,
+            "train_outputs": outputs, "train_seen": f"{job.id}:{job.version}"}
 
 
 def poll(ctx: UIContext, project_name: str | None, seen: str | None) -> Result:
