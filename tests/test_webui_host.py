@@ -406,3 +406,41 @@ def test_live_merge_and_restore_drop_the_webui_cond_cache(tmp_path, webui, monke
     StableDiffusionProcessing.cached_c = ["key", "conds of the merged weights"]
     merger.restore(handle)
     assert caches() == [[None, None]] * 4
+
+
+def test_tools_show_in_the_webui_progress_and_stop_on_its_interrupt(webui):
+    """The Tools section's long jobs use the WebUI's progress state and Interrupt, as training does."""
+    import time
+
+    from lib_lora_train.events import PROGRESS
+    from lib_lora_train.ui.tools_runner import ActionResult, ToolRunner
+
+    w, ns = webui
+    host = WebUIHost(w)
+    state = ns.shared.state
+    seen = []
+
+    def tool(sink, stop):
+        for i in range(200):
+            if stop.is_set():
+                return ActionResult(False, f"stopped at {i}")
+            sink(Event(PROGRESS, {"stage": "merging", "done": i, "total": 200}))
+            seen.append((state.job_count, state.job_no, state.textinfo))
+            if i == 3:
+                state.interrupt()                 # the WebUI's Interrupt button
+            time.sleep(0.02)
+        return ActionResult(True, "done")
+
+    run = ToolRunner(host).start("Merge", tool)
+    run.thread.join(10)
+    assert run.result is not None and not run.result.ok and "stopped" in run.result.message
+    assert seen[2] == (200, 2, "Merge: merging 2/200")
+    assert state.interrupted is False and state.job_count == 0       # left clean for the next job
+
+    host._session = object()                                          # a training run owns shared.state
+    try:
+        run = ToolRunner(host).start("Resize", lambda sink, stop: ActionResult(True, "ok"))
+        run.thread.join(10)
+        assert run.result.ok and state.job == ""
+    finally:
+        host._session = None

@@ -364,6 +364,11 @@ class WebUIHost:
 
         return sampler_names(self.webui)
 
+    def tool_progress(self, label: str, stop: threading.Event):
+        from .webui_support import tool_progress
+
+        return tool_progress(self, label, stop)
+
     def checkpoints_written(self, paths: list) -> None:
         """A merged checkpoint was written: list it in the WebUI's checkpoint dropdown."""
         list_models = getattr(self.webui.sd_models, "list_models", None)

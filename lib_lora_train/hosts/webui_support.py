@@ -216,3 +216,48 @@ def clear_cond_cache(processing: Any = None) -> int:
                 setattr(cls, attr, [None, None])
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def tool_progress(host: Any, label: str, stop: Any):
+    """The Tools section's long jobs (merge, extract, resize) the WebUI way: shared.state shows the job and its
+    count, and the WebUI's Interrupt sets `stop`. While a training run owns shared.state nothing is touched
+    (yields None)."""
+    import threading
+    import time
+
+    from ..events import PROGRESS
+    from .webui import _stop_asked
+
+    if host._session is not None:
+        yield None
+        return
+    state = host.webui.shared.state
+    state.begin(job=f"lora-train-tool: {label}")
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if _stop_asked(state):
+                stop.set()
+                return
+            time.sleep(0.25)
+
+    def sink(event: Any) -> None:
+        if event.kind == PROGRESS:
+            d = event.data
+            state.job_count = max(int(d.get("total") or 0), 1)
+            state.job_no = int(d.get("done") or 0)
+            state.textinfo = f"{label}: {d.get('stage', '')} {d.get('done')}/{d.get('total')}"
+
+    watcher = threading.Thread(target=watch, name="lora-train-tool-interrupt", daemon=True)
+    watcher.start()
+    try:
+        yield sink
+    finally:
+        done.set()
+        watcher.join(timeout=1)
+        with contextlib.suppress(Exception):
+            state.end()
+        state.interrupted = state.stopping_generation = False
+        state.job_count, state.job = 0, ""

@@ -2,6 +2,7 @@
 sink the status box reads, and results / errors as messages a user reads (never a traceback)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -66,8 +67,14 @@ class Progress:
         self.message = ""
         self.warnings: list[str] = []
         self._lock = threading.Lock()
+        self.host_sink = None        # the host's own progress display (the WebUI's), when it has one
 
     def __call__(self, event: Event) -> None:
+        if self.host_sink is not None:
+            try:
+                self.host_sink(event)
+            except Exception:  # noqa: BLE001 - a broken display must not break the tool
+                pass
         d = event.data
         with self._lock:
             if event.kind == PROGRESS:
@@ -107,9 +114,10 @@ class ToolRunner:
     """Runs one tool at a time in a background thread (the tools are CPU- and memory-heavy), with a stop event
     and a progress sink; the UI polls status()."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: Any = None) -> None:
         self._lock = threading.Lock()
         self.current: ToolRun | None = None
+        self.host = host             # host.tool_progress(label, stop), when present: its progress and Interrupt
 
     @property
     def busy(self) -> bool:
@@ -124,8 +132,11 @@ class ToolRunner:
             run = ToolRun(label, threading.Event(), Progress(), None)  # type: ignore[arg-type]
 
             def work() -> None:
+                hook = getattr(self.host, "tool_progress", None)
                 try:
-                    res = fn(run.progress, run.stop)
+                    with (hook(label, run.stop) if callable(hook) else contextlib.nullcontext()) as host_sink:
+                        run.progress.host_sink = host_sink
+                        res = fn(run.progress, run.stop)
                 except BaseException as e:  # noqa: BLE001 - every failure becomes a message
                     if not isinstance(e, (LoraTrainError, OSError)):
                         log.exception("%s failed", label)

@@ -45,7 +45,7 @@ def preset_rows() -> list[list[str]]:
 class ToolsSection:
     def __init__(self, host, jobs):
         self.host, self.jobs = host, jobs
-        self.runner = ToolRunner()
+        self.runner = ToolRunner(host)
         self.live = act.LiveState(host)
         self.lora_dropdowns: list[Any] = []
         self.ckpt_dropdowns: list[Any] = []
