@@ -178,10 +178,13 @@ def test_send_to_txt2img_text_and_js(env):
 def _events(blocks):
     """(elem_id of the trigger, fn, inputs, outputs) of every event the section wired (gradio 3.41 / 4.x)."""
     out = []
-    for dep, fn in zip(blocks.dependencies, blocks.fns):
+    deps = blocks.get_config_file()["dependencies"]
+    fns = blocks.fns if isinstance(blocks.fns, list) else list(blocks.fns.values())   # 4.x: by id, in order
+    for dep, fn in zip(deps, fns):
         targets = [t[0] if isinstance(t, (tuple, list)) else t for t in dep["targets"]]
         for t in targets:
-            out.append((blocks.blocks[t].elem_id, fn.fn, dep["inputs"], dep["outputs"]))
+            if t in blocks.blocks:          # 4.x lists page-load events with target None
+                out.append((blocks.blocks[t].elem_id, fn.fn, dep["inputs"], dep["outputs"]))
     return out
 
 

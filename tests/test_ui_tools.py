@@ -297,7 +297,8 @@ def test_section_builds_with_prefixed_ids_and_every_string_translated(world):
 def test_section_buttons_run_the_actions(world):
     demo = _build(make_host(world))
     button = _by_elem(demo, "lora_train_tools_resize_run")
-    idx, dep = next((i, d) for i, d in enumerate(demo.dependencies)
+    # the config's dependency list has the same shape on Gradio 3.41 and 4.x; fns is a list (3.x) or a dict by id
+    idx, dep = next((d.get("id", i), d) for i, d in enumerate(demo.get_config_file()["dependencies"])
                     if button._id in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]])
     values = ["proj/b.safetensors", "fixed", 3, 0, None, "float", "b_ui", False]
     assert len(dep["inputs"]) == len(values)
