@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 from typing import Any
@@ -68,15 +67,8 @@ class ProgressPrinter:
 
 def _install_sigint(stop: threading.Event) -> None:
     """First Ctrl-C: stop at the next step with a saved state. Second: abort at once."""
-    def handler(signum, frame):
-        if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping at the next step and saving a resumable state (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
+    from .sigint import install_sigint
+    install_sigint(stop, "stopping at the next step and saving a resumable state")
 
 
 def _config_from_args(args: argparse.Namespace, rest: list[str]):

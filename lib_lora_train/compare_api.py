@@ -10,7 +10,6 @@ without it; handlers follow lib_lora_train/api.py (same run lookup, 404 unknown 
 still training or a grid interrupted).
 """
 import base64
-import inspect
 import io
 import os
 import threading
@@ -113,12 +112,7 @@ def choose_files(run: Any, epochs: Optional[Sequence[int]]) -> list:
     return [run.file_for(e) for e in wanted]
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+from .jobs import _accepts  # noqa: E402  (one signature check for hosts' optional keywords)
 
 
 def run_compare(host: Any, request: CompareRequest, *, stop: Optional[threading.Event] = None,

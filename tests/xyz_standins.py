@@ -1,6 +1,6 @@
 """A stand-in of A1111 1.10's scripts/xyz_grid.py, ScriptRunner and processing, as far as our X/Y/Z glue uses them.
 
-What it keeps from the real ones (read from /work/a1111/webui, v1.10.1): AxisOption(label, type, apply,
+What it keeps from the real ones (read from A1111 v1.10.1's scripts/xyz_grid.py): AxisOption(label, type, apply,
 format_value, confirm, cost, choices, prepare); AxisOptionTxt2Img / AxisOptionImg2Img filtered in ui() with
 `type(x) == AxisOption or x.is_img2img == is_img2img`; ui() returns 18 controls whose values are the UI's (axis
 *labels* in the type dropdowns, which the page turns into indices); run(p, 18 arguments) indexes

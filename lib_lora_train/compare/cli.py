@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -18,14 +17,8 @@ from .grid import DEFAULT_CFG, DEFAULT_STEPS, DEFAULT_WEIGHTS
 
 
 def _install_sigint(stop: threading.Event) -> None:
-    def handler(signum, frame):
-        if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the current cell (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
+    from ..sigint import install_sigint
+    install_sigint(stop, "stopping after the current cell")
 
 
 def default_out_path(run) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 from typing import Any
@@ -44,17 +43,8 @@ class _Printer:
 
 
 def _stop_event() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping (nothing is written); Ctrl-C again to abort", file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-    return stop
+    from ..sigint import install_sigint
+    return install_sigint(threading.Event(), "stopping (nothing is written)")
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
