@@ -1,4 +1,5 @@
-"""SD1 state-dict key conversion between the CompVis/ldm single-file layout and diffusers/transformers.
+"""State-dict key conversion between the CompVis/ldm (SD 1.x / 2.x) or sgm (SDXL) single-file layout and
+diffusers/transformers.
 
 The block layout is read from the keys themselves (how many resnets per level, where the attentions and the
 down/upsamplers sit), so scaled-down SD1-family models convert as well as full-size ones. Tensors are never
@@ -18,6 +19,9 @@ from ..errors import ModelError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TE_PREFIX = "cond_stage_model.transformer."
+SD2_TE_PREFIX = "cond_stage_model.model."                    # OpenCLIP ViT-H (SD 2.x)
+SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."     # CLIP-L in the transformers layout
+SDXL_TE2_PREFIX = "conditioner.embedders.1.model."           # OpenCLIP bigG
 EMA_PREFIX = "model_ema."
 
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -48,25 +52,36 @@ class LdmParts:
     unet: dict[str, torch.Tensor] = field(default_factory=dict)
     vae: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)   # in the `text_model.*` layout
+    open_clip: dict[str, torch.Tensor] = field(default_factory=dict)      # SD2 / SDXL bigG, OpenCLIP keys
     ema: dict[str, torch.Tensor] = field(default_factory=dict)            # full keys, model_ema.*
     other: dict[str, torch.Tensor] = field(default_factory=dict)          # full keys (alphas_cumprod, betas, ...)
     legacy_te_layout: bool = False   # the file had cond_stage_model.transformer.* without text_model
 
 
 def split_ldm(sd: Mapping[str, torch.Tensor]) -> LdmParts:
+    """Split by model on the key names only (values are passed through untouched). The CLIP-L text encoder is
+    read from cond_stage_model.transformer.* (SD1) or conditioner.embedders.0.transformer.* (SDXL), the OpenCLIP
+    one from cond_stage_model.model.* (SD2) or conditioner.embedders.1.model.* (SDXL)."""
     parts = LdmParts()
     te_flat = te_nested = 0
+    te_prefix = SDXL_TE1_PREFIX if any(k.startswith(SDXL_TE1_PREFIX) for k in sd) else TE_PREFIX
+    oc_prefixes = [p for p in (SD2_TE_PREFIX, SDXL_TE2_PREFIX) if any(k.startswith(p) for k in sd)]
+    if len(oc_prefixes) > 1:
+        raise ModelError("the checkpoint holds both cond_stage_model.model.* (SD 2.x) and conditioner.embedders.* "
+                         "(SDXL) text encoders; it is damaged or a mix of two models")
     for key, t in sd.items():
         if key.startswith(UNET_PREFIX):
             parts.unet[key[len(UNET_PREFIX):]] = t
         elif key.startswith(VAE_PREFIX) and key[len(VAE_PREFIX):].startswith(_VAE_PARTS):
             parts.vae[key[len(VAE_PREFIX):]] = t
-        elif key.startswith(TE_PREFIX + "text_model."):
-            parts.text_encoder[key[len(TE_PREFIX):]] = t
+        elif key.startswith(te_prefix + "text_model."):
+            parts.text_encoder[key[len(te_prefix):]] = t
             te_nested += 1
-        elif key.startswith(TE_PREFIX) and key[len(TE_PREFIX):].startswith(_TE_PARTS):
-            parts.text_encoder["text_model." + key[len(TE_PREFIX):]] = t
+        elif key.startswith(te_prefix) and key[len(te_prefix):].startswith(_TE_PARTS):
+            parts.text_encoder["text_model." + key[len(te_prefix):]] = t
             te_flat += 1
+        elif oc_prefixes and key.startswith(oc_prefixes[0]):
+            parts.open_clip[key[len(oc_prefixes[0]):]] = t
         elif key.startswith(EMA_PREFIX):
             parts.ema[key] = t
         else:
@@ -78,11 +93,19 @@ def split_ldm(sd: Mapping[str, torch.Tensor]) -> LdmParts:
     return parts
 
 
-def require_complete(parts: LdmParts) -> LdmParts:
-    for name, part in (("UNet (model.diffusion_model.*)", parts.unet), ("VAE (first_stage_model.*)", parts.vae),
-                       ("text encoder (cond_stage_model.transformer.*)", parts.text_encoder)):
+_FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def require_complete(parts: LdmParts, family: str = "sd1") -> LdmParts:
+    text = {"sd1": [("text encoder (cond_stage_model.transformer.*)", parts.text_encoder)],
+            "sd2": [("text encoder (cond_stage_model.model.*)", parts.open_clip)],
+            "sdxl": [("first text encoder (conditioner.embedders.0.transformer.*)", parts.text_encoder),
+                     ("second text encoder (conditioner.embedders.1.model.*)", parts.open_clip)]}[family]
+    for name, part in [("UNet (model.diffusion_model.*)", parts.unet), ("VAE (first_stage_model.*)", parts.vae),
+                       *text]:
         if not part:
-            raise ModelError(f"the checkpoint has no {name} weights; it is not a complete SD1 checkpoint")
+            raise ModelError(f"the checkpoint has no {name} weights; it is not a complete "
+                             f"{_FAMILY_LABEL[family]} checkpoint")
     return parts
 
 
@@ -95,16 +118,31 @@ def ldm_to_diffusers(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict, dict]:
 
 def diffusers_to_ldm(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor],
                      te_sd: Mapping[str, torch.Tensor], *, extra: Mapping[str, torch.Tensor] | None = None,
-                     legacy_te_layout: bool = False) -> dict[str, torch.Tensor]:
-    """One ldm state dict. `extra` (e.g. LdmParts.other / .ema) is added unchanged; `legacy_te_layout` writes
-    the text encoder as cond_stage_model.transformer.* without the text_model level."""
+                     legacy_te_layout: bool = False, family: str = "sd1",
+                     te2_sd: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One ldm (sgm for SDXL) state dict. `extra` (e.g. LdmParts.other / .ema) is added unchanged;
+    `legacy_te_layout` writes an SD1 text encoder as cond_stage_model.transformer.* without the text_model level.
+    family "sd2": `te_sd` goes to cond_stage_model.model.* in the OpenCLIP layout (the layer the loader dropped
+    is in `extra` when it came from split_ldm(...).other); "sdxl": `te_sd` is CLIP-L, `te2_sd` bigG."""
+    from .openclip import transformers_to_openclip
+
+    if family not in _FAMILY_LABEL:
+        raise ModelError(f"unknown model family {family!r}; expected one of {sorted(_FAMILY_LABEL)}")
+    if (te2_sd is not None) != (family == "sdxl"):
+        raise ModelError("te2_sd is given for SDXL (its second text encoder) and only for SDXL")
     out: dict[str, torch.Tensor] = {}
     for k, t in unet_diffusers_to_ldm(unet_sd).items():
         out[UNET_PREFIX + k] = t
     for k, t in vae_diffusers_to_ldm(vae_sd).items():
         out[VAE_PREFIX + k] = t
-    for k, t in te_to_text_model_layout(te_sd).items():
-        out[TE_PREFIX + (k[len("text_model."):] if legacy_te_layout else k)] = t
+    if family == "sd2":
+        out.update({SD2_TE_PREFIX + k: t for k, t in transformers_to_openclip(te_sd).items()})
+    else:
+        prefix = SDXL_TE1_PREFIX if family == "sdxl" else TE_PREFIX
+        for k, t in te_to_text_model_layout(te_sd).items():
+            out[prefix + (k[len("text_model."):] if legacy_te_layout else k)] = t
+    if te2_sd is not None:
+        out.update({SDXL_TE2_PREFIX + k: t for k, t in transformers_to_openclip(te2_sd).items()})
     for k, t in (extra or {}).items():
         if k in out:
             raise ModelError(f"extra key '{k}' collides with a converted model key")
@@ -113,8 +151,10 @@ def diffusers_to_ldm(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, t
 
 
 def te_to_text_model_layout(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Text-encoder keys with the `text_model.` level (transformers >= 5.6 may save them without it)."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): t for k, t in te_sd.items()}
+    """Text-encoder keys with the `text_model.` level (transformers >= 5.6 may save them without it);
+    `text_projection.*` (CLIPTextModelWithProjection) stays at the top."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): t
+            for k, t in te_sd.items()}
 
 
 def te_for_model(te_sd: Mapping[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
@@ -124,7 +164,7 @@ def te_for_model(te_sd: Mapping[str, torch.Tensor], model_keys) -> dict[str, tor
     sd = te_to_text_model_layout(te_sd)
     if nested:
         return sd
-    return {k[len("text_model."):]: t for k, t in sd.items()}
+    return {(k[len("text_model."):] if k.startswith("text_model.") else k): t for k, t in sd.items()}
 
 
 # ---------------------------------------------------------------- UNet
@@ -133,7 +173,9 @@ _UNET_TOP = (_Module("time_embed.0", "time_embedding.linear_1", "same"),
              _Module("time_embed.2", "time_embedding.linear_2", "same"),
              _Module("input_blocks.0.0", "conv_in", "same"),
              _Module("out.0", "conv_norm_out", "same"),
-             _Module("out.2", "conv_out", "same"))
+             _Module("out.2", "conv_out", "same"),
+             _Module("label_emb.0.0", "add_embedding.linear_1", "same"),    # SDXL's size / pooled-text embedding
+             _Module("label_emb.0.2", "add_embedding.linear_2", "same"))
 
 
 def _ldm_submodule_kinds(keys, block: str) -> dict[int, str]:
@@ -299,7 +341,7 @@ def _rename(sd: Mapping[str, torch.Tensor], modules: list[_Module], *, to_diffus
                 break
         if mod is None:
             layout = "ldm" if to_diffusers else "diffusers"
-            raise ModelError(f"unexpected {label} key in the {layout} layout: '{key}' (not an SD1-shaped model?)")
+            raise ModelError(f"unexpected {label} key in the {layout} layout: '{key}' (not an SD-shaped model?)")
         new_prefix = mod.diffusers if to_diffusers else mod.ldm
         new_rest, t = _rename_leaf(mod.kind, rest, t, to_diffusers, key)
         new_key = f"{new_prefix}.{new_rest}"

@@ -1,7 +1,7 @@
-"""Architecture configs read from a state dict's shapes, plus SD1's conventions where shapes say nothing.
+"""Architecture configs read from a state dict's shapes, plus each family's conventions where shapes say nothing.
 
-Family detection works on the raw ldm keys. Everything that assumes SD1 lives in functions named `sd1_*`, so
-SD2 / SDXL can get their own next to them.
+Family detection (models/detect.py) works on the raw ldm keys; the configs here read the diffusers-layout keys.
+Every size comes from a shape, so scaled-down models of any family load through the same code as full-size ones.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, ModelError
-from .convert import TE_PREFIX, UNET_PREFIX
+from .detect import detect_family  # noqa: F401  (re-exported: tools import it from here)
 
 # SD1 conventions that the weights do not record.
 SD1_UNET_HEADS = 8               # diffusers' SD1 config calls this attention_head_dim=8
@@ -23,6 +23,12 @@ SD1_UNET_SAMPLE_SIZE = 64        # 512 px / 8
 SD1_VAE_SAMPLE_SIZE = 512
 SD1_TEXT_ACT = "quick_gelu"
 CLIP_BOS, CLIP_EOS = 49406, 49407
+# SD 2.x / SDXL conventions: attention heads of width 64 everywhere (UNet and OpenCLIP), OpenCLIP's plain gelu.
+HEAD_WIDTH = 64
+OPENCLIP_TEXT_ACT = "gelu"
+SDXL_LATENT_SCALE = 0.13025
+SDXL_TIME_IDS = 6   # original h, w, crop top, left, target h, w: each a sinusoidal embedding in label_emb's input
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2_v": 768, "sdxl": 1024}
 
 OVERRIDE_KEYS = {
     "prediction_type": "epsilon | v_prediction",
@@ -46,6 +52,11 @@ class SD1Architecture:
     prediction_type: str = "epsilon"
     latent_scale: float = SD1_LATENT_SCALE
     notes: list[str] = field(default_factory=list)
+    family: str = "sd1"
+    text_2: dict[str, Any] | None = None   # SDXL: CLIPTextConfig(**text_2) of CLIPTextModelWithProjection
+
+
+Architecture = SD1Architecture
 
 
 def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -59,42 +70,6 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     if pt is not None and pt not in ("epsilon", "v_prediction"):
         raise ConfigError(f"model override prediction_type must be 'epsilon' or 'v_prediction', not {pt!r}")
     return ov
-
-
-# ---------------------------------------------------------------- family detection (ldm keys)
-
-def detect_family(sd: Mapping[str, Any]) -> str:
-    """'sd1', or a ModelError saying what the file is instead."""
-    keys = list(sd)
-    if not keys:
-        raise ModelError("the checkpoint is empty")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        raise ModelError("this is a LoRA / LyCORIS file, not a base model checkpoint")
-    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in keys):
-        raise ModelError("this is an SDXL checkpoint; SDXL support comes in a later release (SD1 only for now)")
-    if any(k.startswith(UNET_PREFIX + s) for k in keys for s in ("joint_blocks.", "double_blocks.")):
-        raise ModelError("this checkpoint is not Stable Diffusion 1.x (SD3 / Flux-style blocks); only SD1 is supported")
-    if any(k.startswith(("down_blocks.", "unet.", "text_model.", "encoder.down_blocks.")) for k in keys):
-        raise ModelError("the keys are in the diffusers layout; load a single-file (ldm/CompVis) SD1 checkpoint")
-    if UNET_PREFIX + "input_blocks.0.0.weight" not in sd:
-        raise ModelError("no model.diffusion_model.input_blocks.* weights: not a Stable Diffusion 1.x checkpoint")
-    ctx = _context_dim(sd)
-    if any(k.startswith("cond_stage_model.model.") for k in keys) or ctx == 1024:
-        raise ModelError("this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); SD2 support comes "
-                         "in a later release (SD1 only for now)")
-    if ctx == 2048:
-        raise ModelError("this looks like an SDXL UNet (context 2048); SDXL support comes in a later release")
-    if not any(k.startswith(TE_PREFIX) for k in keys):
-        raise ModelError("no cond_stage_model.transformer.* (CLIP text encoder) weights: not a complete SD1 "
-                         "checkpoint")
-    return "sd1"
-
-
-def _context_dim(sd: Mapping[str, Any]) -> int | None:
-    for k, t in sd.items():
-        if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"):
-            return int(t.shape[1])
-    return None
 
 
 # ---------------------------------------------------------------- SD1 configs (diffusers-layout keys)
@@ -117,7 +92,18 @@ def _groups_fit(groups: int, channels, what: str) -> None:
                          f"set the override for the group count")
 
 
-def sd1_unet_config(unet: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _default_heads(channels, family: str) -> list[int]:
+    """SD1: 8 heads per level. SD2 / SDXL: heads of width 64 (one head when a scaled-down level is narrower or
+    not a multiple of 64)."""
+    if family == "sd1":
+        return [SD1_UNET_HEADS] * len(channels)
+    return [c // HEAD_WIDTH if c >= HEAD_WIDTH and c % HEAD_WIDTH == 0 else 1 for c in channels]
+
+
+def sd1_unet_config(unet: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, family: str = "sd1",
+                    pooled_dim: int | None = None) -> dict[str, Any]:
+    """UNet2DConditionModel kwargs. SDXL (`pooled_dim` = the second text encoder's projection width) adds the
+    text_time embedding whose input width label_emb records: pooled_dim + 6 x time-id embedding width."""
     ov = dict(overrides or {})
     levels = _indices(unet, r"down_blocks\.(\d+)\.")
     if not levels or levels != list(range(len(levels))):
@@ -151,8 +137,9 @@ def sd1_unet_config(unet: Mapping[str, Any], overrides: Mapping[str, Any] | None
         raise ModelError("the UNet has no cross-attention layers")
     proj_in = next(k for k in unet if k.endswith("proj_in.weight"))
 
-    heads = ov.get("num_heads", SD1_UNET_HEADS)
-    head_list = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(levels)
+    heads = ov.get("num_heads")
+    head_list = (_default_heads(channels, family) if heads is None else
+                 list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(levels))
     if len(head_list) != len(levels):
         raise ModelError(f"num_heads override has {len(head_list)} entries for {len(levels)} UNet levels")
     for c, h, d in zip(channels, head_list, down_attn):
@@ -179,6 +166,17 @@ def sd1_unet_config(unet: Mapping[str, Any], overrides: Mapping[str, Any] | None
     time_dim = _shape(unet, "time_embedding.linear_1.weight", "UNet")[0]
     if time_dim != 4 * channels[0]:
         cfg["time_embedding_dim"] = time_dim
+    has_label = "add_embedding.linear_1.weight" in unet
+    if family == "sdxl" or has_label:
+        if not (family == "sdxl" and has_label and pooled_dim):
+            raise ModelError("only SDXL UNets have the size / pooled-text embedding (label_emb)")
+        label_in = _shape(unet, "add_embedding.linear_1.weight", "UNet")[1]
+        time_ids_width, rest = divmod(label_in - pooled_dim, SDXL_TIME_IDS)
+        if rest or time_ids_width <= 0 or time_ids_width % 2:
+            raise ModelError(f"the UNet's label_emb input width {label_in} is not the pooled text width "
+                             f"{pooled_dim} + 6 x an even time-id embedding width")
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=time_ids_width,
+                   projection_class_embeddings_input_dim=label_in)
     return cfg
 
 
@@ -235,17 +233,54 @@ def sd1_text_config(te: Mapping[str, Any], overrides: Mapping[str, Any] | None =
                 bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS)
 
 
+def openclip_text_config(te: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """CLIPTextConfig kwargs of a converted OpenCLIP text tower (SD2 ViT-H, SDXL bigG): heads of width 64, gelu,
+    pad id 0; projection_dim from text_projection when there is one."""
+    cfg = sd1_text_config(te, {"text_hidden_act": OPENCLIP_TEXT_ACT, **dict(overrides or {})})
+    hidden = cfg["hidden_size"]
+    if "text_num_heads" not in (overrides or {}):
+        heads = hidden // HEAD_WIDTH if hidden >= HEAD_WIDTH and hidden % HEAD_WIDTH == 0 else 1
+        cfg["num_attention_heads"] = heads
+    if "text_projection.weight" in te:
+        proj_out, proj_in = _shape(te, "text_projection.weight", "text-encoder")
+        if proj_in != hidden:
+            raise ModelError(f"text_projection takes {proj_in} channels, the text encoder has {hidden}")
+        cfg["projection_dim"] = proj_out
+    cfg["pad_token_id"] = 0
+    return cfg
+
+
 def sd1_architecture(unet: Mapping[str, Any], vae: Mapping[str, Any], te: Mapping[str, Any],
-                     overrides: Mapping[str, Any] | None = None) -> SD1Architecture:
+                     overrides: Mapping[str, Any] | None = None, *, family: str = "sd1",
+                     te2: Mapping[str, Any] | None = None) -> SD1Architecture:
+    """Configs of every module. family "sd2": `te` is the converted OpenCLIP ViT-H; "sdxl": `te` CLIP-L and
+    `te2` the converted bigG (with text_projection)."""
     ov = check_overrides(overrides)
-    arch = SD1Architecture(unet=sd1_unet_config(unet, ov), vae=sd1_vae_config(vae, ov),
-                           text=sd1_text_config(te, ov),
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ModelError(f"unknown model family {family!r}")
+    text = openclip_text_config(te, ov) if family == "sd2" else sd1_text_config(te, ov)
+    text_2 = openclip_text_config(te2, ov) if family == "sdxl" else None
+    if (family == "sdxl") != (te2 is not None):
+        raise ModelError("SDXL has two text encoders; the other families one")
+    if text_2 is not None and "text_projection.weight" not in te2:
+        raise ModelError("the SDXL second text encoder has no text_projection")
+    default_scale = SDXL_LATENT_SCALE if family == "sdxl" else SD1_LATENT_SCALE
+    ov.setdefault("latent_scale", default_scale)
+    if family != "sd1":
+        native = NATIVE_RESOLUTION["sdxl" if family == "sdxl" else
+                                   "sd2_v" if ov.get("prediction_type") == "v_prediction" else "sd2"]
+        ov.setdefault("sample_size", native // 8)
+    arch = SD1Architecture(unet=sd1_unet_config(unet, ov, family=family,
+                                                pooled_dim=text_2["projection_dim"] if text_2 else None),
+                           vae=sd1_vae_config(vae, ov), text=text, text_2=text_2, family=family,
                            prediction_type=ov.get("prediction_type", "epsilon"),
-                           latent_scale=float(ov.get("latent_scale", SD1_LATENT_SCALE)))
-    if arch.unet["cross_attention_dim"] != arch.text["hidden_size"]:
-        raise ModelError(f"UNet cross-attention width {arch.unet['cross_attention_dim']} does not match the "
-                         f"text encoder width {arch.text['hidden_size']}")
-    if arch.unet["in_channels"] not in (arch.vae["latent_channels"], 8, 9):   # 8 / 9: pix2pix / inpainting
+                           latent_scale=float(ov["latent_scale"]))
+    context = text["hidden_size"] + (text_2["hidden_size"] if text_2 else 0)
+    if arch.unet["cross_attention_dim"] != context:
+        what = "the two text encoders' widths together" if text_2 else "the text encoder width"
+        raise ModelError(f"UNet cross-attention width {arch.unet['cross_attention_dim']} does not match "
+                         f"{what} ({context})")
+    if arch.unet["in_channels"] != arch.vae["latent_channels"]:
         raise ModelError(f"UNet input channels {arch.unet['in_channels']} do not fit the VAE latent channels "
                          f"{arch.vae['latent_channels']}")
     return arch

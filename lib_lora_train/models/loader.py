@@ -1,7 +1,10 @@
-"""load_sd_model: an SD1 single-file checkpoint (path or ldm state dict) -> SDModel, offline.
+"""load_sd_model: an SD 1.x / SD 2.x / SDXL single-file checkpoint (path or ldm / sgm state dict) -> SDModel,
+offline.
 
 Modules are built on the meta device and receive the checkpoint tensors with load_state_dict(assign=True):
-where dtype and device already match, the modules share the given tensors (no copy, no double memory).
+where dtype and device already match, the modules share the given tensors (no copy, no double memory). The
+OpenCLIP text towers' fused q/k/v and transposed projection become views of the given tensors, so they share
+them too.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ import torch
 from ..errors import ModelError
 from .bundle import ModelInfo, SDModel
 from .ckpt import file_hashes, legacy_hash, read_checkpoint
-from .convert import require_complete, split_ldm, te_for_model, unet_ldm_to_diffusers, vae_ldm_to_diffusers
-from .infer import SD1Architecture, check_overrides, detect_family, sd1_architecture
-from .tokenizer import clip_tokenizer
+from .convert import (SD2_TE_PREFIX, SDXL_TE2_PREFIX, require_complete, split_ldm, te_for_model,
+                      unet_ldm_to_diffusers, vae_ldm_to_diffusers)
+from .detect import detect_family, marked_v_prediction
+from .infer import NATIVE_RESOLUTION, SD1Architecture, check_overrides, sd1_architecture
+from .openclip import openclip_to_transformers
+from .tokenizer import clip_tokenizer, open_clip_tokenizer
 
 SD1_BETA_START, SD1_BETA_END, SD1_TIMESTEPS = 0.00085, 0.012, 1000
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -36,8 +42,9 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, device="cpu", dtype=None,
                   overrides: Mapping[str, Any] | None = None, name: str | None = None) -> SDModel:
-    """UNet, VAE, text encoder, tokenizer and noise scheduler of an SD1 checkpoint, in eval mode with frozen
-    weights. `source`: a .safetensors / .ckpt path, or a state dict in the ldm layout."""
+    """UNet, VAE, text encoder(s), tokenizer(s) and noise scheduler of an SD 1.x / 2.x / SDXL checkpoint, in
+    eval mode with frozen weights. `source`: a .safetensors / .ckpt path, or a state dict in the ldm / sgm
+    layout. The family comes from the keys; prediction_type from `overrides`, else the file's v_pred marker."""
     ov = check_overrides(overrides)
     device = torch.device(device)
     dtype = resolve_dtype(dtype)
@@ -51,28 +58,44 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
         raise ModelError(f"source must be a checkpoint path or a state dict, not {type(source).__name__}")
 
     family = detect_family(sd)
-    parts = require_complete(split_ldm(sd))
+    parts = require_complete(split_ldm(sd), family)
+    if "prediction_type" not in ov and marked_v_prediction(sd):
+        ov["prediction_type"] = "v_prediction"
     unet_sd = unet_ldm_to_diffusers(parts.unet)
     vae_sd = vae_ldm_to_diffusers(parts.vae)
-    arch = sd1_architecture(unet_sd, vae_sd, parts.text_encoder, ov)
-    if "prediction_type" not in ov and "v_pred" in parts.other:   # marker key some v-prediction files carry
-        arch.prediction_type = "v_prediction"
+    te_sd, te2_sd = parts.text_encoder, None
+    if family == "sd2":
+        te_sd, unused = openclip_to_transformers(parts.open_clip, drop_last_layer=True, with_projection=False,
+                                                 label="SD 2.x text encoder (cond_stage_model.model.*)")
+        parts.other.update({SD2_TE_PREFIX + k: t for k, t in unused.items()})
+    elif family == "sdxl":
+        te2_sd, unused = openclip_to_transformers(parts.open_clip, drop_last_layer=False, with_projection=True,
+                                                  label="SDXL second text encoder (conditioner.embedders.1.model.*)")
+        parts.other.update({SDXL_TE2_PREFIX + k: t for k, t in unused.items()})
+    arch = sd1_architecture(unet_sd, vae_sd, te_sd, ov, family=family, te2=te2_sd)
 
-    unet, vae, text_encoder = build_sd1_modules(arch, unet_sd, vae_sd, parts.text_encoder, device, dtype)
+    unet, vae, text_encoder = build_sd1_modules(arch, unet_sd, vae_sd, te_sd, device, dtype)
+    text_encoder_2 = build_text_encoder_2(arch, te2_sd, device, dtype) if te2_sd is not None else None
     scheduler, schedule_source = sd1_noise_scheduler(arch.prediction_type, parts.other)
 
     v_pred = arch.prediction_type == "v_prediction"
+    version = {"sd1": "sd_v1_v" if v_pred else "sd_v1", "sd2": "sd_v2_v" if v_pred else "sd_v2",
+               "sdxl": "sdxl_base_v1-0"}[family]
+    native = NATIVE_RESOLUTION["sd2_v" if family == "sd2" and v_pred else family]
     info = ModelInfo(family=family, prediction_type=arch.prediction_type, latent_scale=arch.latent_scale,
-                     base_model_version="sd_v1_v" if v_pred else "sd_v1", v2=False,
+                     base_model_version=version, v2=family == "sd2", native_resolution=native,
                      name=name or (path.name if path else "model"),
                      path=str(path) if path else None,
                      legacy_hash=legacy_hash(path) if path else None)
     info.extra.update(schedule=schedule_source, ema_keys_ignored=len(parts.ema),
                       ldm_extra_keys=sorted(parts.other),
                       te_layout="legacy" if parts.legacy_te_layout else "text_model",
-                      configs={"unet": arch.unet, "vae": arch.vae, "text": arch.text})
-    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-                   noise_scheduler=scheduler, info=info)
+                      configs={"unet": arch.unet, "vae": arch.vae, "text": arch.text,
+                               **({"text_2": arch.text_2} if arch.text_2 else {})})
+    tokenizer = open_clip_tokenizer() if family == "sd2" else clip_tokenizer()
+    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   noise_scheduler=scheduler, info=info, text_encoder_2=text_encoder_2,
+                   tokenizer_2=open_clip_tokenizer() if family == "sdxl" else None)
 
 
 def ensure_hashes(info: ModelInfo) -> ModelInfo:
@@ -88,6 +111,7 @@ def ensure_hashes(info: ModelInfo) -> ModelInfo:
 
 def build_sd1_modules(arch: SD1Architecture, unet_sd, vae_sd, te_sd, device: torch.device,
                       dtype: torch.dtype | None):
+    """UNet, VAE and the (first) text encoder, any family."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -99,13 +123,28 @@ def build_sd1_modules(arch: SD1Architecture, unet_sd, vae_sd, te_sd, device: tor
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text))
     _assign(unet, unet_sd, device, dtype, "UNet")
     _assign(vae, vae_sd, device, dtype, "VAE")
+    _assign_text(text_encoder, te_sd, device, dtype, "text encoder")
+    return unet, vae, text_encoder
+
+
+def build_text_encoder_2(arch: SD1Architecture, te2_sd, device: torch.device, dtype: torch.dtype | None):
+    """SDXL's OpenCLIP bigG as a transformers CLIPTextModelWithProjection."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_2))
+    _assign_text(te2, te2_sd, device, dtype, "second text encoder")
+    return te2
+
+
+def _assign_text(text_encoder, te_sd, device, dtype, label: str) -> None:
     own = text_encoder.state_dict()
     te = {k: t for k, t in te_for_model(te_sd, own.keys()).items() if not k.endswith("embeddings.position_ids")}
     # Position ids always come from the model itself: some merged files hold float or damaged ones, many have
     # none. transformers 4.30 keeps them in the state dict (persistent buffer), later versions do not.
     te.update({k: t for k, t in own.items() if k.endswith("embeddings.position_ids")})
-    _assign(text_encoder, te, device, dtype, "text encoder")
-    return unet, vae, text_encoder
+    _assign(text_encoder, te, device, dtype, label)
 
 
 def _assign(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], device: torch.device,

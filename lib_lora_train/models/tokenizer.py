@@ -1,4 +1,4 @@
-"""The SD1 CLIP tokenizer, built offline from the BPE merges file that open_clip / openai-clip ship.
+"""The CLIP tokenizers (SD1 / SDXL te1 pad with EOS; SD2 / SDXL te2 with "!"), built offline from the BPE merges file that open_clip / openai-clip ship.
 
 The vocabulary is derived from the merges exactly as CLIP defines it, written as vocab.json + merges.txt into a
 cache folder, and loaded with `CLIPTokenizer.from_pretrained(folder)` (on transformers 5.x, passing
@@ -26,8 +26,10 @@ MODEL_MAX_LENGTH = 77
 # Packages that ship the file, import name -> what to pip install.
 _PROVIDERS = {"open_clip": "open-clip-torch", "clip": "openai-clip"}
 
+OPEN_CLIP_PAD = "!"    # id 0
+
 _lock = threading.Lock()
-_cached = None
+_cached: dict[str, object] = {}
 
 
 def find_bpe_file() -> Path:
@@ -134,21 +136,32 @@ def _write_folder(bpe_path: Path, folder: Path) -> None:
 
 
 def clip_tokenizer():
-    """The SD1 CLIPTokenizer (pad = <|endoftext|>, 77 tokens); built once per process."""
-    global _cached
+    """The SD1 / SDXL-first-encoder CLIPTokenizer (pad = <|endoftext|>, 77 tokens); built once per process."""
+    return _tokenizer(EOS)
+
+
+def open_clip_tokenizer():
+    """The tokenizer of the OpenCLIP text encoders (SD 2.x, SDXL's second): the same vocabulary, padded with
+    "!" (id 0) as open_clip pads with 0 and sd-scripts sets pad_token_id = 0; built once per process."""
+    return _tokenizer(OPEN_CLIP_PAD)
+
+
+def _tokenizer(pad: str):
     with _lock:
-        if _cached is None:
+        if pad not in _cached:
             from transformers import CLIPTokenizer
 
             folder = tokenizer_folder()
             tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=MODEL_MAX_LENGTH,
-                                                pad_token=EOS)
+                                                pad_token=pad)
             _match_slow_tokenizer(tok)
             if len(tok) != VOCAB_SIZE or tok.convert_tokens_to_ids(EOS) != VOCAB_SIZE - 1:
                 raise ModelError(f"the CLIP tokenizer built from {folder} has {len(tok)} tokens instead of "
                                  f"{VOCAB_SIZE}; this transformers version reads the files differently")
-            _cached = tok
-        return _cached
+            if tok.pad_token != pad or tok.pad_token_id != tok.convert_tokens_to_ids(pad):
+                raise ModelError(f"the CLIP tokenizer did not take the pad token {pad!r}")
+            _cached[pad] = tok
+        return _cached[pad]
 
 
 def _match_slow_tokenizer(tok) -> None:
