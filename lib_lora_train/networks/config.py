@@ -50,7 +50,8 @@ class NetworkConfig:
     train_unet: bool = True
     train_text_encoder: bool = True
     network_args: dict[str, str] = field(default_factory=dict)   # as given, for ss_network_args
-    # Block weights (networks.lora): one value per sd-scripts SD1 slot (25, see tools/blocks.py). With block_dims
+    # Block weights (networks.lora): one value per sd-scripts slot of block_family (25 SD1 / SD2, 23 SDXL, see
+    # tools/blocks.py). With block_dims
     # set, U-Net Linear / 1x1 layers take their rank / alpha from their slot, k×k convs from conv_block_dims
     # (None: k×k convs are not adapted), and a slot of rank 0 gets no module. The text encoder keeps dim / alpha.
     block_dims: list[int] | None = None
@@ -58,6 +59,7 @@ class NetworkConfig:
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
     block_lr_weight: list[float] | None = None   # per-slot lr multiplier: U-Net groups "unet_block{slot}"
+    block_family: str = "sd1"                    # the model family the per-slot lists were parsed for
 
     @property
     def variant(self) -> str:
@@ -125,9 +127,17 @@ def _bool(key: str, value: str) -> bool:
 
 def network_config_from_args(network_module: str | None, network_dim: int | None, network_alpha: float | None,
                              network_args: Sequence[str] | Mapping[str, Any] | None, *, train_unet: bool = True,
-                             train_text_encoder: bool = True, network_dropout: float | None = None) -> NetworkConfig:
-    """Parse sd-scripts' network options into a NetworkConfig (ConfigError on anything not understood)."""
+                             train_text_encoder: bool = True, network_dropout: float | None = None,
+                             family: str = "sd1") -> NetworkConfig:
+    """Parse sd-scripts' network options into a NetworkConfig (ConfigError on anything not understood).
+
+    family ("sd1" | "sd2" | "sdxl"): the model the network is for; it sets how many values the block-weight
+    options take (sd-scripts' 25 SD1/SD2 slots or 23 SDXL slots).
+    """
+    from .names import check_family
     from .presets import PRESETS
+
+    check_family(family)
 
     module = (network_module or "networks.lora").strip()
     if module not in NETWORK_MODULES:
@@ -157,7 +167,7 @@ def network_config_from_args(network_module: str | None, network_dim: int | None
             raise ConfigError(f"network_args: unknown key {key!r} for {module}{hint}")
 
     cfg = NetworkConfig(network_module=module, dim=dim, alpha=alpha, train_unet=bool(train_unet),
-                        train_text_encoder=bool(train_text_encoder), network_args=dict(args))
+                        train_text_encoder=bool(train_text_encoder), network_args=dict(args), block_family=family)
     cfg.dropout = _prob("network_dropout", network_dropout)
     cfg.rank_dropout = _prob("rank_dropout", args.get("rank_dropout"))
     cfg.module_dropout = _prob("module_dropout", args.get("module_dropout"))
@@ -250,34 +260,37 @@ def _block_weights(cfg: NetworkConfig, args: dict[str, str]) -> None:
     to network_dim / network_alpha (conv: conv_dim / conv_alpha, or 1.0 as in sd-scripts). A slot whose lr
     weight is 0 (or at most block_lr_zero_threshold) gets rank 0, i.e. no module.
     """
-    from ..tools.blocks import NUM_SLOTS, block_lr_weights, slot_values
+    from ..tools.blocks import block_lr_weights, num_slots, slot_values
 
+    family = cfg.block_family
+    n_slots = num_slots(family)
     threshold = _float("block_lr_zero_threshold", args["block_lr_zero_threshold"]) \
         if "block_lr_zero_threshold" in args else 0.0
     lr = block_lr_weights(args.get("down_lr_weight"), args.get("mid_lr_weight"), args.get("up_lr_weight"),
-                          threshold)
+                          threshold, family=family)
     if lr is None and "block_lr_zero_threshold" in args:
         raise ConfigError("network_args block_lr_zero_threshold needs down_lr_weight, mid_lr_weight or up_lr_weight")
     dims_given = any(k in args for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"))
     if lr is None and not dims_given:
         return
-    dims = slot_values("block_dims", args["block_dims"], int) if "block_dims" in args else [cfg.dim] * NUM_SLOTS
-    alphas = (slot_values("block_alphas", args["block_alphas"], float) if "block_alphas" in args
-              else [cfg.alpha] * NUM_SLOTS)
+    dims = (slot_values("block_dims", args["block_dims"], int, family=family) if "block_dims" in args
+            else [cfg.dim] * n_slots)
+    alphas = (slot_values("block_alphas", args["block_alphas"], float, family=family) if "block_alphas" in args
+              else [cfg.alpha] * n_slots)
     conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else (
         _float("conv_alpha", args["conv_alpha"]) if "conv_alpha" in args else 1.0)
     if "conv_block_dims" in args:
-        conv_dims = slot_values("conv_block_dims", args["conv_block_dims"], int)
+        conv_dims = slot_values("conv_block_dims", args["conv_block_dims"], int, family=family)
     elif cfg.conv_dim is not None:
-        conv_dims = [cfg.conv_dim] * NUM_SLOTS
+        conv_dims = [cfg.conv_dim] * n_slots
     else:
         conv_dims = None
         if "conv_block_alphas" in args:
             raise ConfigError("network_args conv_block_alphas needs conv_block_dims or conv_dim")
     conv_alphas = None
     if conv_dims is not None:
-        conv_alphas = (slot_values("conv_block_alphas", args["conv_block_alphas"], float)
-                       if "conv_block_alphas" in args else [conv_alpha] * NUM_SLOTS)
+        conv_alphas = (slot_values("conv_block_alphas", args["conv_block_alphas"], float, family=family)
+                       if "conv_block_alphas" in args else [conv_alpha] * n_slots)
         cfg.conv_alpha = conv_alpha
         cfg.preset = "c3lier"
     if lr is not None:
@@ -287,3 +300,14 @@ def _block_weights(cfg: NetworkConfig, args: dict[str, str]) -> None:
     cfg.block_dims, cfg.block_alphas = dims, alphas
     cfg.conv_block_dims, cfg.conv_block_alphas = conv_dims, conv_alphas
     cfg.block_lr_weight = lr
+
+
+def check_block_family(cfg: NetworkConfig, family: str) -> None:
+    """Per-block lists parsed for one family cannot drive a network on another (the slots differ)."""
+    from .names import FAMILY_LABELS
+    from ..tools.blocks import num_slots
+
+    if num_slots(cfg.block_family) != num_slots(family):
+        raise ConfigError(f"the block-weight options were read for {FAMILY_LABELS[cfg.block_family]} "
+                          f"({num_slots(cfg.block_family)} blocks) but the model is {FAMILY_LABELS[family]} "
+                          f"({num_slots(family)} blocks); pass family={family!r} to network_config_from_args")

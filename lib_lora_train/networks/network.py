@@ -6,16 +6,17 @@ instance-level `forward` that remove() deletes again, so the models are left exa
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .config import NetworkConfig
+from .config import NetworkConfig, check_block_family
 from .delta import split_by_module
 from .dylora import DyLoRAModule
-from .targets import Target, find_targets
+from .names import check_family, is_sdxl_unet, te_prefixes
+from .targets import Target, find_targets, text_encoder_list
 
 _MISSING = object()
 
@@ -139,8 +140,25 @@ def _fits(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     return bool(ours.to(theirs.dtype) == theirs)
 
 
+def text_encoder_lr_value(lr: float | Sequence[float] | None) -> float | None:
+    """The one text-encoder lr sd-scripts' train_network uses with networks.lora / lycoris.kohya: a number as
+    given; of a list, its first value (None for an empty list). A list whose values differ is refused: those
+    network modules cannot give SDXL's two encoders different rates."""
+    if lr is None or isinstance(lr, (int, float)):
+        return lr
+    values = [float(v) for v in lr]
+    if not values:
+        return None
+    if any(v != values[0] for v in values[1:]):
+        raise ConfigError(f"text_encoder_lr {values}: networks.lora and lycoris.kohya train all text encoders at "
+                          f"one learning rate (sd-scripts uses the first value only); give one value")
+    return values[0]
+
+
 class Network(torch.nn.Module):
-    """Adapters for the layers of one UNet and one text encoder (see create_network)."""
+    """Adapters for the layers of one UNet and one or two text encoders (see create_network)."""
+
+    family: str = "sd1"
 
     def __init__(self, cfg: NetworkConfig, targets: list[Target], multiplier: float = 1.0):
         super().__init__()
@@ -205,12 +223,16 @@ class Network(torch.nn.Module):
             adapter.multiplier = self._multiplier
 
     # -- training ----------------------------------------------------------------------------------------------
-    def param_groups(self, unet_lr: float | None, text_encoder_lr: float | None,
+    def param_groups(self, unet_lr: float | None, text_encoder_lr: float | Sequence[float] | None,
                      default_lr: float | None) -> list[dict]:
         """Optimizer groups "text_encoder" and "unet" (sd-scripts order); lr None means default_lr.
 
+        text_encoder_lr may be a list (sd-scripts' --text_encoder_lr takes several values): networks.lora and
+        lycoris.kohya have no per-encoder groups, so sd-scripts' train_network uses the first value for all text
+        encoders (SDXL's two included); values that differ are refused here instead of being ignored.
         A part with lr 0 is left out and its parameters are frozen (requires_grad False).
         """
+        text_encoder_lr = text_encoder_lr_value(text_encoder_lr)
         groups = []
         for part, lr in (("text_encoder", text_encoder_lr), ("unet", unet_lr)):
             names = self.names_for(part)
@@ -320,33 +342,57 @@ class Network(torch.nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
 
-def create_network(cfg: NetworkConfig, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
-                   multiplier: float = 1.0) -> Network:
+def _resolve_family(family: str | None, unet, encoders: list) -> str:
+    """The family the names follow: given, or told by the models (an SDXL U-Net / two encoders); checked."""
+    sdxl_unet = is_sdxl_unet(unet)
+    if family is None:
+        family = "sdxl" if sdxl_unet or len(encoders) == 2 else "sd1"
+    check_family(family)
+    if unet is not None and sdxl_unet != (family == "sdxl"):
+        raise ConfigError(f"family={family!r} but the U-Net is "
+                          f"{'an SDXL' if sdxl_unet else 'not an SDXL'} U-Net")
+    return family
+
+
+def create_network(cfg: NetworkConfig, unet: torch.nn.Module | None, text_encoder, multiplier: float = 1.0, *,
+                   family: str | None = None) -> Network:
     """Build the adapters for cfg on the given models (not hooked yet: call apply_to()).
 
+    text_encoder: one encoder (SD 1.x / 2.x), [te1, te2] (SDXL) or None. family: "sd1" | "sd2" | "sdxl"; None
+    infers it from the models (SD 2.x names are SD 1.x names, so only SDXL matters for the names).
     A part excluded by train_unet / train_text_encoder gets no adapters at all (sd-scripts behaviour).
     The network starts in eval mode; the training loop calls .train() for its steps.
     """
+    encoders = text_encoder_list(text_encoder)
+    family = _resolve_family(family, unet, encoders)
+    if cfg.block_dims is not None or cfg.block_lr_weight is not None:
+        check_block_family(cfg, family)
     targets: list[Target] = []
     if cfg.train_text_encoder:
-        if text_encoder is None:
+        if not encoders:
             raise ConfigError("train_text_encoder is on but no text encoder was given")
-        targets += find_targets(text_encoder, "text_encoder", cfg.preset)
+        prefixes = te_prefixes(family, len(encoders))
+        for i, (prefix, te) in enumerate(zip(prefixes, encoders), 1):
+            targets += find_targets(te, "text_encoder", cfg.preset, family=family, prefix=prefix,
+                                    encoder=i if len(encoders) > 1 else None)
     if cfg.train_unet:
         if unet is None:
             raise ConfigError("train_unet is on but no U-Net was given")
-        targets += find_targets(unet, "unet", cfg.preset)
+        targets += find_targets(unet, "unet", cfg.preset, family=family)
     if cfg.block_dims is not None:
         targets = _block_targets(cfg, targets)
     elif cfg.conv_dim is None:
         targets = [t for t in targets if not t.kxk]
     if not targets:
         raise ConfigError(f"preset {cfg.preset!r} adapts no layer of the parts being trained")
-    return Network(cfg, targets, multiplier)
+    network = Network(cfg, targets, multiplier)
+    network.family = family
+    return network
 
 
 def _block_targets(cfg: NetworkConfig, targets: list[Target]) -> list[Target]:
-    """Per-block rank / alpha for the U-Net targets (sd-scripts' 25 SD1 slots); a rank of 0 drops the layer.
+    """Per-block rank / alpha for the U-Net targets (sd-scripts' slots: 25 SD1/SD2, 23 SDXL); rank 0 drops the
+    layer.
 
     Text-encoder layers and U-Net layers outside every slot keep network_dim / network_alpha (conv_dim /
     conv_alpha for k×k convs).

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
+from .names import TE_PREFIX, UNET_PREFIX, unet_naming_paths
 from .presets import PRESETS
 
-UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
 TE_ROOT = "text_model."
 
 
@@ -23,6 +22,7 @@ class Target:
     kxk: bool                # a conv with a kernel larger than 1×1
     on_input: bool = False   # IA3: scale the input channels instead of the output channels
     options: dict = field(default_factory=dict)
+    encoder: int | None = None   # SDXL: 1 (CLIP-L, lora_te1) or 2 (bigG, lora_te2); None for one encoder
 
 
 def normalise_path(path: str, part: str) -> str:
@@ -32,9 +32,18 @@ def normalise_path(path: str, part: str) -> str:
     return path
 
 
-def lora_name(path: str, part: str) -> str:
-    prefix = UNET_PREFIX if part == "unet" else TE_PREFIX
+def lora_name(path: str, part: str, prefix: str | None = None) -> str:
+    """sd-scripts name of the layer at `path` (for an SDXL U-Net: its sgm path, see names.sdxl_unet_paths)."""
+    prefix = prefix or (UNET_PREFIX if part == "unet" else TE_PREFIX)
     return (prefix + "." + normalise_path(path, part)).replace(".", "_")
+
+
+def _naming(root: torch.nn.Module, part: str, family: str):
+    """path -> the path the layer is named and name-matched by (None: not nameable in this family)."""
+    renamed = unet_naming_paths(root, family) if part == "unet" else None
+    if renamed is None:
+        return lambda path: normalise_path(path, part)
+    return renamed.get
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -49,11 +58,13 @@ def _match(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def find_targets(root: torch.nn.Module, part: str, preset: str | dict) -> list[Target]:
+def find_targets(root: torch.nn.Module, part: str, preset: str | dict, *, family: str = "sd1",
+                 prefix: str | None = None, encoder: int | None = None) -> list[Target]:
     """Every layer of `root` (a UNet or a text encoder) that `preset` adapts, in named_modules order.
 
     k×k convs are listed (kxk=True) only when the preset enables conv layers; a layer reached twice (by class
-    and by name) is listed once.
+    and by name) is listed once. family "sdxl": U-Net layers are named, and name patterns matched, by their sgm
+    path (as sd-scripts and LyCORIS see sd-scripts' own SDXL U-Net); prefix: lora_te1 / lora_te2 for SDXL.
     """
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     key = "unet" if part == "unet" else "te"
@@ -62,6 +73,7 @@ def find_targets(root: torch.nn.Module, part: str, preset: str | dict) -> list[T
     conv = bool(spec.get("conv", False))
     on_input = list(spec.get("on_input", ()))
 
+    named_as = _naming(root, part, family)
     found: dict[str, Target] = {}
 
     def add(path: str, module: torch.nn.Module) -> None:
@@ -70,15 +82,18 @@ def find_targets(root: torch.nn.Module, part: str, preset: str | dict) -> list[T
         kxk = _is_kxk(module)
         if kxk and not conv:
             return
-        norm = normalise_path(path, part)
-        found[path] = Target(name=lora_name(path, part), path=path, module=module, part=part, kxk=kxk,
-                             on_input=_match(norm, on_input))
+        norm = named_as(path)
+        if norm is None:
+            raise ConfigError(f"the {part} layer {path} has no sd-scripts name in the {family} layout")
+        found[path] = Target(name=lora_name(norm, part, prefix), path=path, module=module, part=part, kxk=kxk,
+                             on_input=_match(norm, on_input), encoder=encoder)
 
     for path, module in root.named_modules():
         if type(module).__name__ in classes:
             for child_path, child in module.named_modules():
                 add(f"{path}.{child_path}" if path and child_path else (path or child_path), child)
-        elif names and path and _match(normalise_path(path, part), names):
+        elif names and path and _adaptable(module) and (norm := named_as(path)) is not None \
+                and _match(norm, names):
             add(path, module)
 
     targets = list(found.values())
@@ -90,6 +105,35 @@ def find_targets(root: torch.nn.Module, part: str, preset: str | dict) -> list[T
     return targets
 
 
-def module_index(root: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
+def module_index(root: torch.nn.Module, part: str, *, family: str = "sd1",
+                 prefix: str | None = None) -> dict[str, torch.nn.Module]:
     """lora name -> Linear / Conv2d module, for every such layer of root (used to read files back)."""
-    return {lora_name(path, part): m for path, m in root.named_modules() if path and _adaptable(m)}
+    named_as = _naming(root, part, family)
+    out = {}
+    for path, m in root.named_modules():
+        if path and _adaptable(m) and (norm := named_as(path)) is not None:
+            out[lora_name(norm, part, prefix)] = m
+    return out
+
+
+def text_encoder_list(text_encoder) -> list[torch.nn.Module]:
+    """[te] or [te1, te2] (SDXL) from one encoder, a list / tuple of them, or None."""
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return [t for t in text_encoder if t is not None]
+    return [text_encoder]
+
+
+def model_index(unet: torch.nn.Module | None, text_encoder, family: str = "sd1") -> dict[str, torch.nn.Module]:
+    """lora name -> layer for a whole model (U-Net and its one or two text encoders), in the family's names."""
+    from .names import te_prefixes
+
+    out: dict[str, torch.nn.Module] = {}
+    encoders = text_encoder_list(text_encoder)
+    if encoders:
+        for prefix, te in zip(te_prefixes(family, len(encoders)), encoders):
+            out.update(module_index(te, "text_encoder", family=family, prefix=prefix))
+    if unet is not None:
+        out.update(module_index(unet, "unet", family=family))
+    return out

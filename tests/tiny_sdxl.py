@@ -1,0 +1,105 @@
+"""Tiny SDXL- and SD2-shaped diffusers U-Nets and transformers CLIP encoders built in code (random weights), and
+the full-size SDXL / SD2 shapes on the meta device (for name and count checks without weights).
+
+SDXL: three levels (DownBlock2D, then two CrossAttnDownBlock2D), linear proj_in / proj_out, transformer depth per
+level scaled down from (1, 2, 10) to (1, 1, 2), text_time added conditioning; te1 = CLIPTextModel (CLIP-L),
+te2 = CLIPTextModelWithProjection (bigG). SD2: SD1's block layout with linear projections and a 1024-wide context.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 96), layers_per_block=2, cross_attention_dim=64,
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), norm_num_groups=32,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32, upcast_attention=False,
+)
+TINY_TE1 = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, hidden_act="quick_gelu")
+TINY_TE2 = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), norm_num_groups=32,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, upcast_attention=False,
+)
+SDXL_TE1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, hidden_act="quick_gelu")
+SDXL_TE2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+TINY_SD2_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=48, attention_head_dim=(2, 4, 4, 4),
+    norm_num_groups=32, use_linear_projection=True,
+)
+TINY_SD2_TE = dict(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                   max_position_embeddings=77, hidden_act="gelu")
+
+
+def _unet(config: dict, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    return _unet(TINY_SDXL_UNET, seed)
+
+
+def tiny_sd2_unet(seed: int = 0):
+    return _unet(TINY_SD2_UNET, seed)
+
+
+def _te(config: dict, seed: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config)).eval()
+
+
+def tiny_sdxl_text_encoders(seed: int = 0):
+    return [_te(TINY_TE1, seed, False), _te(TINY_TE2, seed + 1, True)]
+
+
+def tiny_sd2_text_encoder(seed: int = 0):
+    return _te(TINY_SD2_TE, seed, False)
+
+
+def sdxl_meta():
+    """(unet, [te1, te2]) of full-size SDXL base on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        return (UNet2DConditionModel(**SDXL_UNET),
+                [CLIPTextModel(CLIPTextConfig(**SDXL_TE1)), CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TE2))])
+
+
+def sdxl_unet_inputs(batch: int = 2, seed: int = 1):
+    """(sample, timesteps, kwargs) for the tiny SDXL U-Net."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 500][:batch])
+    kwargs = dict(encoder_hidden_states=torch.randn(batch, 5, TINY_SDXL_UNET["cross_attention_dim"], generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g),
+                                     "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)})
+    return sample, timesteps, kwargs
+
+
+def te_input_ids(batch: int = 2, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 49408, (batch, 7), generator=g)
