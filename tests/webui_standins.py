@@ -6,6 +6,7 @@ lock, the progress task registry, and the built-in Lora extension's `networks` f
 """
 import os
 import threading
+import time
 import types
 from types import SimpleNamespace
 
@@ -62,6 +63,7 @@ class StateStandIn:
         self.job, self.job_no, self.job_count, self.textinfo = job, 0, -1, None
         self.interrupted = self.skipped = self.stopping_generation = False
         self.current_image, self.id_live_preview = None, 0
+        self.time_start = time.time()
         self.begun += 1
 
     def end(self):
@@ -131,11 +133,18 @@ class NetworksStandIn(types.ModuleType):
 
     @staticmethod
     def network_restore_weights_from_backup(module):
+        """As the real one: MultiheadAttention keeps (in_proj_weight, out_proj.weight) and out_proj's bias."""
+        weights, bias = getattr(module, "network_weights_backup", None), getattr(module, "network_bias_backup", None)
+        mha = isinstance(module, torch.nn.MultiheadAttention)
         with torch.no_grad():
-            if getattr(module, "network_weights_backup", None) is not None:
-                module.weight.copy_(module.network_weights_backup)
-            if getattr(module, "network_bias_backup", None) is not None:
-                module.bias.copy_(module.network_bias_backup)
+            if weights is not None:
+                if mha:
+                    module.in_proj_weight.copy_(weights[0])
+                    module.out_proj.weight.copy_(weights[1])
+                else:
+                    module.weight.copy_(weights)
+            if bias is not None:
+                (module.out_proj if mha else module).bias.copy_(bias)
 
     @staticmethod
     def network_reset_cached_weight(module):
@@ -144,11 +153,19 @@ class NetworksStandIn(types.ModuleType):
         module.network_bias_backup = None
 
     def bake(self, module, name="some_lora", scale=0.5):
-        """What a generation with <lora:name:1> leaves behind: weights changed in place, originals backed up."""
+        """What a generation with <lora:name:1> leaves behind: weights changed in place, originals backed up (for
+        OpenCLIP's MultiheadAttention the in_proj and out_proj weights and out_proj's bias, as the real one)."""
         with torch.no_grad():
-            module.network_weights_backup = module.weight.detach().to("cpu", copy=True)
-            module.network_bias_backup = None
-            module.weight.add_(torch.randn_like(module.weight) * scale)
+            if isinstance(module, torch.nn.MultiheadAttention):
+                module.network_weights_backup = (module.in_proj_weight.detach().to("cpu", copy=True),
+                                                 module.out_proj.weight.detach().to("cpu", copy=True))
+                module.network_bias_backup = module.out_proj.bias.detach().to("cpu", copy=True)
+                for t in (module.in_proj_weight, module.out_proj.weight, module.out_proj.bias):
+                    t.add_(torch.randn_like(t) * scale)
+            else:
+                module.network_weights_backup = module.weight.detach().to("cpu", copy=True)
+                module.network_bias_backup = None
+                module.weight.add_(torch.randn_like(module.weight) * scale)
         module.network_current_names = ((name, 1.0, 1.0, None),)
         if name not in self.loaded_networks:
             self.loaded_networks.append(name)
@@ -167,44 +184,81 @@ class TrackedPart(torch.nn.Module):
         return self if self.fake_move else super().to(*args, **kwargs)
 
 
-def _child(parent, name, cls=torch.nn.Module):
+def _child(parent, name, make=torch.nn.Module):
     if name not in parent._modules:
-        parent.add_module(name, cls())
+        parent.add_module(name, make())
     return parent._modules[name]
 
 
 def live_key(key: str) -> str:
-    """File key -> the key the hijacked WebUI model's state_dict() shows (SD1)."""
-    if key.startswith(TE):
-        key = "cond_stage_model.wrapped.transformer." + key[len(TE):]
-        key = key.replace("embeddings.token_embedding.weight", "embeddings.token_embedding.wrapped.weight")
-    return key
+    """File key -> the key the hijacked WebUI model's state_dict() shows: the text encoders one `.wrapped` deeper
+    (SD1 / SD2 `cond_stage_model.wrapped.…`, SDXL `conditioner.embedders.N.wrapped.…`), token embeddings once more."""
+    parts = key.split(".")
+    if parts[0] == "cond_stage_model":
+        parts.insert(1, "wrapped")
+    elif parts[:2] == ["conditioner", "embedders"]:
+        parts.insert(3, "wrapped")
+    else:
+        return key
+    return ".".join(parts).replace("token_embedding.weight", "token_embedding.wrapped.weight")
 
 
 class LatentDiffusionStandIn(torch.nn.Module):
     pass
 
 
-def make_sd_model(state_dict=None, *, dtype=torch.float32, seed=0, checkpoint=None):
-    """A LatentDiffusion-shaped module holding a tiny SD1 checkpoint's tensors under the live (hijacked) keys.
-    Float tensors are Parameters with requires_grad=True: the WebUI does not freeze its model."""
-    sd = state_dict if state_dict is not None else tiny_sd1_state_dict(seed=seed)
+FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
+
+
+def family_state_dict(family: str, seed: int = 0) -> dict:
+    """A tiny checkpoint (ldm / sgm layout) of a family: "sd1", "sd2" (epsilon), "sd2v" (768-v), "sdxl"."""
+    from lib_lora_train import models
+
+    if family == "sd1":
+        return tiny_sd1_state_dict(seed=seed)
+    if family in ("sd2", "sd2v"):
+        return models.tiny_sd2_state_dict(seed=seed, v_pred=family == "sd2v")
+    return models.tiny_sdxl_state_dict(seed=seed)
+
+
+def _mha_paths(sd) -> dict:
+    """live module path -> embed dim of OpenCLIP's attention blocks (real nn.MultiheadAttention, as in the WebUI)."""
+    suffix = ".in_proj_weight"
+    return {live_key(k)[:-len(suffix)]: t.shape[1] for k, t in sd.items() if k.endswith(suffix)}
+
+
+def make_sd_model(state_dict=None, *, dtype=torch.float32, seed=0, checkpoint=None, family="sd1"):
+    """A LatentDiffusion- (SD1 / SD2) or DiffusionEngine- (SDXL) shaped module holding a tiny checkpoint's tensors
+    under the live (hijacked) keys. Float tensors are Parameters with requires_grad=True: the WebUI does not
+    freeze its model. SDXL also gets the hijack's `cond_stage_model` alias of its conditioner and the empty
+    `conditioner.wrapped` of extend_sdxl; SD 2.x 768-v says `parameterization = "v"`."""
+    sd = state_dict if state_dict is not None else family_state_dict(family, seed)
+    sdxl = family == "sdxl" or any(k.startswith("conditioner.") for k in sd)
     root = LatentDiffusionStandIn()
-    for part in ("model", "first_stage_model", "cond_stage_model"):
+    for part in ("model", "first_stage_model", "conditioner" if sdxl else "cond_stage_model"):
         root.add_module(part, TrackedPart())
+    mha = _mha_paths(sd)
     for key, tensor in sd.items():
         live = live_key(key)
         *path, leaf = live.split(".")
-        owner = root
+        owner, walked = root, []
         for name in path:
-            owner = _child(owner, name)
+            walked.append(name)
+            here = ".".join(walked)
+            owner = _child(owner, name, (lambda d=mha[here]: torch.nn.MultiheadAttention(d, 1)) if here in mha
+                           else torch.nn.Module)
         t = tensor.to(dtype) if tensor.is_floating_point() else tensor
         if t.is_floating_point() and path:
             owner.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=True))
         else:
             owner.register_buffer(leaf, t.clone())
+    if sdxl:
+        root.conditioner.add_module("wrapped", torch.nn.Module())
+        root.cond_stage_model = root.conditioner          # registered last, as sd_hijack does
     root.lowvram = False
-    root.is_sd1, root.is_sd2, root.is_sdxl = True, False, False
+    root.is_sd1, root.is_sd2, root.is_sdxl = family == "sd1" and not sdxl, family in ("sd2", "sd2v"), sdxl
+    root.is_sd3 = root.is_ssd = False
+    root.parameterization = "v" if family == "sd2v" else "eps"
     root.sd_checkpoint_info = checkpoint
     return root
 
@@ -214,7 +268,7 @@ def checkpoint_info(filename, sha256="ab" * 32, legacy="0badf00d"):
                            name_for_extra=os.path.splitext(os.path.basename(filename))[0])
 
 
-def make_webui(tmp_path, *, sd_model=None, device="cpu", dtype=torch.float32, **cmd):
+def make_webui(tmp_path, *, sd_model=None, device="cpu", dtype=torch.float32, family="sd1", **cmd):
     """(WebUI bundle, namespace of the stand-ins) with a WebUI data folder under tmp_path."""
     from lib_lora_train.hosts.webui import WebUI
 
@@ -223,9 +277,9 @@ def make_webui(tmp_path, *, sd_model=None, device="cpu", dtype=torch.float32, **
     ckpt_dir = models / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # The checkpoint file is never read (the model comes from memory), so it need not exist.
-    info = checkpoint_info(str(ckpt_dir / "tiny_sd1.safetensors"))
+    info = checkpoint_info(str(ckpt_dir / f"tiny_{family}.safetensors"))
     if sd_model is None:
-        sd_model = make_sd_model(dtype=dtype, checkpoint=info)
+        sd_model = make_sd_model(dtype=dtype, checkpoint=info, family=family)
     elif sd_model.sd_checkpoint_info is None:
         sd_model.sd_checkpoint_info = info
     cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None, ckpt_dir=None,

@@ -50,6 +50,43 @@ def inside(path: str, roots: list[str]) -> bool:
     return False
 
 
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def native_resolution_of(family: str, prediction_type: str = "epsilon") -> int:
+    """The side length a family was trained at: SDXL 1024, SD 2.x v-prediction (768-v) 768, else 512."""
+    if family == "sdxl":
+        return 1024
+    return 768 if family == "sd2" and prediction_type == "v_prediction" else 512
+
+
+def family_label(family: str, prediction_type: str | None = None) -> str:
+    """"SDXL", "SD 2.x v-prediction", "SD 1.x": how the tab names a model's family."""
+    label = FAMILY_LABELS.get(family, family)
+    return f"{label} v-prediction" if prediction_type == "v_prediction" else label
+
+
+def checkpoint_kind(path: str) -> tuple[str, str] | None:
+    """(family, prediction_type) of a checkpoint file from its keys and shapes only (the safetensors header),
+    cached per file version; None when it is missing or not a Stable Diffusion checkpoint."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _KINDS:
+        from ..errors import LoraTrainError
+        from ..models import detect_checkpoint
+        try:
+            _KINDS[key] = tuple(detect_checkpoint(path))
+        except (LoraTrainError, OSError, ValueError):
+            _KINDS[key] = None
+    return _KINDS[key]
+
+
+_KINDS: dict = {}
+
+
 class Host(Protocol):
     """What the job manager, the tab and the API need from the program they run in."""
 
@@ -61,7 +98,14 @@ class Host(Protocol):
         as `pretrained_model_name_or_path`, resolution for the tiny model, ...)."""
 
     def checkpoint_label(self) -> str:
-        """What the UI calls the model a run trains on by default ("the loaded checkpoint: X")."""
+        """What the UI calls the model a run trains on by default ("the loaded checkpoint: X (SDXL)")."""
+
+    def model_family(self) -> str:
+        """"sd1" | "sd2" | "sdxl" of the model a run would use (the loaded one in the WebUI)."""
+
+    def native_resolution(self) -> int:
+        """The side length that model was trained at (512 / 768 / 1024): the default preprocess target and run
+        resolution."""
 
     def training_session(self, cfg) -> contextlib.AbstractContextManager:
         """Context for one run: takes the host's locks, yields an SDModel to train on (or None: the engine loads
@@ -98,6 +142,16 @@ class BasicHost:
 
     def checkpoint_label(self) -> str:
         return os.path.basename(self.default_checkpoint) if self.default_checkpoint else "(none)"
+
+    def _kind(self) -> tuple[str, str]:
+        """(family, prediction_type) of the default checkpoint; SD 1.x when it cannot be read."""
+        return (checkpoint_kind(self.default_checkpoint) if self.default_checkpoint else None) or ("sd1", "epsilon")
+
+    def model_family(self) -> str:
+        return self._kind()[0]
+
+    def native_resolution(self) -> int:
+        return native_resolution_of(*self._kind())
 
     @contextlib.contextmanager
     def training_session(self, cfg) -> Iterator[None]:

@@ -62,8 +62,10 @@ class ModuleLiveModel:
 
     def state_dict_view(self) -> dict[str, torch.Tensor]:
         view: dict[str, torch.Tensor] = {}
+        alias = "cond_stage_model." if hasattr(self.module, "conditioner") else None   # SDXL: its conditioner again
         for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
-            view.setdefault(strip_wrapped(name), t)
+            if alias is None or not name.startswith(alias):
+                view.setdefault(strip_wrapped(name), t)
         return view
 
     def label(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .base import BasicHost, HostPaths
+from .base import BasicHost, HostPaths, family_label
 
 DEFAULT_DATA = "./lora_train_data"
 TINY_RANDOM = "tiny_random_sd1.safetensors"
@@ -36,12 +36,21 @@ class StandaloneHost(BasicHost):
         models = os.path.join(data, "models")
         os.makedirs(models, exist_ok=True)
         ckpt = checkpoint or default_checkpoint(data)
-        base = {"resolution": "64", "device": "cpu"}
-        base.update(config or {})
         super().__init__(HostPaths(os.path.join(data, "projects"), os.path.join(data, "loras"), [models]),
-                         default_checkpoint=ckpt, config=base)
+                         default_checkpoint=ckpt, config={"device": "cpu", **(config or {})})
         self.data_dir = data
+        self.tiny = checkpoint is None        # the embedded tiny model: trained at 64 px
+
+    def native_resolution(self) -> int:
+        return 64 if self.tiny else super().native_resolution()
+
+    def base_config(self) -> dict:
+        # The run's and the Preprocess section's default size follow the checkpoint's family (1024 for SDXL).
+        return {"resolution": str(self.native_resolution()), **super().base_config()}
 
     def checkpoint_label(self) -> str:
         label = os.path.basename(self.default_checkpoint)
-        return f"{label} (tiny test model)" if "tiny" in label else label
+        if self.tiny:
+            return f"{label} (tiny test model)"
+        family, prediction = self._kind()
+        return f"{label} ({family_label(family, prediction)})"

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import ConfigError, ModelError
-from ..events import DONE, ERROR, INTERRUPTED, LOG, SAMPLE, START, STEP, WARNING, Event
-from .base import HostPaths
+from .base import HostPaths, checkpoint_kind, family_label, native_resolution_of
+from .webui_model import engine_model, first_device, live_family, live_state_dict, model_parts, shared_count
+from .webui_progress import _Session, _stop_asked, step_text, task_id
+
+__all__ = ["WebUI", "WebUIHost", "host_and_jobs", "live_state_dict", "shared_count", "step_text", "task_id",
+           "_stop_asked"]
 
 TAB_TITLE = "Train LoRA"
 TAB_ID = "lora_train"
 OPT_OUTPUT_DIR = "lora_train_output_dir"        # settings (registered by webui_support.register_settings)
 OPT_PROJECTS_DIR = "lora_train_projects_dir"
-TE_PREFIX = "cond_stage_model."
-KEEP_PREFIXES = ("model.diffusion_model.", "first_stage_model.", TE_PREFIX)
 
 
 def log(message: str) -> None:
@@ -59,41 +61,11 @@ def lora_networks_module() -> Any:
     return None
 
 
-def task_id(job_id: str) -> str:
-    """The WebUI progress-task id of a job: a page polls `/internal/progress` with it (requestProgress)."""
-    return f"task(lora-train-{job_id})"
-
-
-def live_state_dict(sd_model) -> dict:
-    """The live model's tensors in the checkpoint (ldm) layout: the hijack's `.wrapped` levels of the text
-    encoder are dropped, other wrappers' extras are left out. Tensors are the model's own (no copies)."""
-    out = {}
-    for key, tensor in sd_model.state_dict().items():
-        if key.startswith(TE_PREFIX):
-            key = ".".join(p for p in key.split(".") if p != "wrapped")
-        if key.startswith(KEEP_PREFIXES) or "." not in key:   # top-level buffers: betas, alphas_cumprod, ...
-            out[key] = tensor
-    return out
-
-
-def shared_count(model_tensors, webui_tensors) -> tuple:
-    """(how many of `model_tensors` use the storage of one of `webui_tensors`, how many there are)."""
-    ptrs = {t.data_ptr() for t in webui_tensors}
-    tensors = list(model_tensors)
-    return sum(1 for t in tensors if t.data_ptr() in ptrs), len(tensors)
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
-
-
-def _first_device(module):
-    for p in module.parameters():
-        return p.device
-    return None
 
 
 class WebUIHost:
@@ -167,14 +139,35 @@ class WebUIHost:
         precision = "no" if dev_type == "cpu" else {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(
             str(dtype), "no")
         info = self._checkpoint_info()
+        # resolution: the loaded family's own (1024 SDXL, 768 SD 2.x v, 512), the default of every run
         return {"pretrained_model_name_or_path": getattr(info, "filename", "") or "", "device": name,
-                "mixed_precision": precision}
+                "mixed_precision": precision, "resolution": str(self.native_resolution())}
 
     def checkpoint_label(self) -> str:
         info = self._checkpoint_info()
         if info is None:
             return "the WebUI's checkpoint (none loaded yet)"
-        return f"the loaded checkpoint: {getattr(info, 'title', None) or os.path.basename(info.filename)}"
+        name = getattr(info, 'title', None) or os.path.basename(info.filename)
+        return f"the loaded checkpoint: {name} ({family_label(*self._kind())})"
+
+    def _kind(self) -> tuple:
+        """(family, prediction_type) of the loaded model, or of the selected checkpoint's file before the WebUI
+        has loaded one (the tab is built first); SD 1.x when neither is known."""
+        model = self._loaded_model()
+        if model is not None and not _placeholder(model):
+            return live_family(model)
+        select = getattr(self.webui.sd_models, "select_checkpoint", None)
+        with contextlib.suppress(Exception):
+            kind = checkpoint_kind(getattr(select(), "filename", None)) if select else None
+            if kind:
+                return kind
+        return "sd1", "epsilon"
+
+    def model_family(self) -> str:
+        return self._kind()[0]
+
+    def native_resolution(self) -> int:
+        return native_resolution_of(*self._kind())
 
     # ------------------------------------------------------------------ one training run
     @contextlib.contextmanager
@@ -237,11 +230,12 @@ class WebUIHost:
         return info is not None and bool(getattr(info, "filename", None)) and _same_file(wanted, info.filename)
 
     def _check_model(self, sd_model) -> None:
-        if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
-            raise ModelError("the loaded checkpoint is SDXL; this version trains SD1 models only. Load an SD1.x "
-                             "checkpoint in the WebUI, or name one with pretrained_model_name_or_path.")
-        if getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
-            raise ModelError("the loaded checkpoint is not SD1.x; this version trains SD1 models only")
+        if getattr(sd_model, "is_sd3", False):
+            raise ModelError("the loaded checkpoint is SD 3; LoRA training supports SD 1.x, SD 2.x and SDXL. Load "
+                             "one of those in the WebUI, or name one with pretrained_model_name_or_path.")
+        if getattr(sd_model, "is_ssd", False):
+            raise ModelError("the loaded checkpoint is SSD-1B (a reduced SDXL); LoRA training supports the full "
+                             "SDXL, SD 2.x and SD 1.x architectures")
         if getattr(self.webui.devices, "fp8", False):
             raise ConfigError("the WebUI stores weights in FP8 (Settings > Optimizations > FP8 weight); LoRA "
                               "training needs the full weights. Turn FP8 off to train.")
@@ -295,11 +289,8 @@ class WebUIHost:
         device = self.webui.devices.device
         moved = []
         try:
-            for attr in ("model", "first_stage_model", "cond_stage_model"):
-                part = getattr(sd_model, attr, None)
-                if part is None:
-                    continue
-                was = _first_device(part)
+            for part in model_parts(sd_model):
+                was = first_device(part)
                 if was is not None and was != device:
                     moved.append((part, was))
                     part.to(device)
@@ -312,29 +303,7 @@ class WebUIHost:
         return moved
 
     def _sd_model(self, sd_model):
-        from ..models import load_sd_model
-
-        info = getattr(sd_model, "sd_checkpoint_info", None)
-        filename = getattr(info, "filename", None)
-        tensors = live_state_dict(sd_model)
-        device = _first_device(sd_model.model) if hasattr(sd_model, "model") else None
-        model = load_sd_model(tensors, device=device or "cpu",
-                              name=os.path.basename(filename) if filename else "webui-model")
-        sha256 = getattr(info, "sha256", None)
-        if sha256 is None and info is not None and hasattr(info, "calculate_shorthash"):
-            with contextlib.suppress(Exception):
-                info.calculate_shorthash()        # the WebUI's own cached hash (None with --no-hashing)
-                sha256 = getattr(info, "sha256", None)
-        # With the hashes known the engine never re-reads the (GB-sized) file; without a sha256 it gets no path
-        # so it does not hash it either (the metadata then lacks ss_new_sd_model_hash).
-        model.info.path = filename if (filename and sha256) else None
-        model.info.sha256 = sha256
-        model.info.legacy_hash = getattr(info, "hash", None)
-        unet_shared = shared_count(model.unet.state_dict().values(), sd_model.model.state_dict().values())
-        model.info.extra["webui_shared_unet_tensors"] = list(unet_shared)
-        log(f"training on the WebUI's {model.info.name}: {unet_shared[0]}/{unet_shared[1]} UNet tensors shared "
-            f"with the loaded model (no copy)")
-        return model
+        return engine_model(sd_model, log)
 
     @property
     def live_model(self):
@@ -403,6 +372,11 @@ class WebUIHost:
         return WebUITaggers(self.webui)
 
 
+def _placeholder(model) -> bool:
+    """Forge's FakeInitialModel before its lazy load: no weights, no family yet."""
+    return type(model).__name__ == "FakeInitialModel"
+
+
 def _restore_backup(module, weights, bias) -> None:
     if weights is not None:
         if isinstance(weights, tuple):      # MultiheadAttention: (in_proj_weight, out_proj.weight)
@@ -413,101 +387,6 @@ def _restore_backup(module, weights, bias) -> None:
     if bias is not None:
         target = module.out_proj if hasattr(module, "out_proj") else module
         target.bias.copy_(bias)
-
-
-def _stop_asked(state) -> bool:
-    """The WebUI's Interrupt: `interrupted`, or `stopping_generation`, which its top-row button sets first when
-    "Don't Interrupt in the middle" is on (the default) and job_count > 1 (always, for a run of several steps)."""
-    return bool(getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False))
-
-
-class _Session:
-    """One run's tie to `shared.state`: the sink and a watcher for the WebUI's Interrupt."""
-
-    def __init__(self):
-        self.task: Optional[str] = None
-        self._closed = threading.Event()
-        self._watcher: Optional[threading.Thread] = None
-
-    def attach(self, webui: WebUI, job, stop: threading.Event):
-        state = webui.shared.state
-        self.task = task_id(job.id)
-        state.job = self.task
-        if webui.progress is not None:
-            with contextlib.suppress(Exception):
-                webui.progress.start_task(self.task)
-        state.textinfo = f"Train LoRA: {job.output_name}, preparing"
-
-        def watch() -> None:     # Interrupt can come while no event flows (model building, latent caching)
-            while not self._closed.wait(0.2):
-                if _stop_asked(state):
-                    stop.set()
-                    return
-        self._watcher = threading.Thread(target=watch, name="lora-train-interrupt", daemon=True)
-        self._watcher.start()
-        return _StateSink(webui, job, stop)
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=2)
-
-
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def step_text(d: dict) -> str:
-    """One line (the WebUI's bar shows textinfo only without a newline): epoch, step, loss, speed, ETA."""
-    parts = [f"Epoch {d.get('epoch', '?')}/{d.get('epochs', '?')}",
-             f"step {d.get('step', '?')}/{d.get('total_steps', '?')}"]
-    if d.get("loss") is not None:
-        parts.append(f"loss {float(d['loss']):.4f}")
-    rate = d.get("it_per_s")
-    if rate:
-        parts.append(f"{rate:.2f} it/s" if rate >= 1 else f"{1.0 / rate:.1f} s/it")
-    parts.append(f"ETA {_duration(d.get('eta_s'))}")
-    return " · ".join(parts)
-
-
-class _StateSink:
-    """Mirrors engine events into shared.state, the way the WebUI's own jobs fill it."""
-
-    def __init__(self, webui: WebUI, job, stop: threading.Event):
-        self.state = webui.shared.state
-        self.job, self.stop = job, stop
-
-    def __call__(self, event: Event) -> None:
-        st, d = self.state, event.data
-        if event.kind == START:
-            st.job_count = int(d.get("total_steps") or 0)
-            st.job_no = int(d.get("start_step") or 0)
-            st.textinfo = f"Train LoRA: {self.job.output_name}, {st.job_count} steps"
-        elif event.kind == STEP:
-            st.job_count = int(d.get("total_steps") or st.job_count or 0)
-            st.job_no = int(d.get("step") or 0)
-            st.textinfo = step_text(d)
-        elif event.kind == SAMPLE:
-            paths = d.get("paths") or []
-            if paths:
-                from PIL import Image
-
-                with Image.open(paths[-1]) as im:
-                    st.assign_current_image(im.copy())
-        elif event.kind in (LOG, WARNING) and not st.job_no:
-            st.textinfo = str(d.get("message", "")).splitlines()[0][:200] if d.get("message") else st.textinfo
-        elif event.kind == INTERRUPTED:
-            st.textinfo = f"Interrupted at step {d.get('step')}; resumable state saved"
-        elif event.kind == DONE:
-            st.job_no = st.job_count
-            st.textinfo = f"Done: {d.get('steps')} steps"
-        elif event.kind == ERROR:
-            st.textinfo = f"Error: {str(d.get('message', ''))[:200]}"
-        if _stop_asked(st):
-            self.stop.set()
 
 
 # ----------------------------------------------------------------------------- one manager per process
