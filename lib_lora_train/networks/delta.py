@@ -129,15 +129,17 @@ def split_by_module(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, 
 
 @torch.no_grad()
 def apply_deltas(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], part: str, *,
-                 multiplier: float = 1.0, strict: bool = True) -> list[str]:
+                 multiplier: float = 1.0, strict: bool = True, family: str = "sd1",
+                 prefix: str | None = None) -> list[str]:
     """Merge the file's layers for `part` ("unet" | "text_encoder") into model's weights in place.
 
+    family "sdxl": U-Net names in the sgm layout; prefix: lora_te1 / lora_te2 for SDXL's encoders.
     Returns the names merged. With strict, a layer of that part that the model does not have is an error.
     """
     if part not in ("unet", "text_encoder"):
         raise ValueError(f"part must be 'unet' or 'text_encoder', not {part!r}")
-    prefix = (UNET_PREFIX if part == "unet" else TE_PREFIX) + "_"
-    index = module_index(model, part)
+    index = module_index(model, part, family=family, prefix=prefix)
+    prefix = (prefix or (UNET_PREFIX if part == "unet" else TE_PREFIX)) + "_"
     merged = []
     missing = []
     for name, w in split_by_module(tensors).items():
