@@ -20,8 +20,61 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
                 "ss_network_args")
 
 
-def _default_text_encoder_lr(cfg: TrainConfig) -> Any:
-    return cfg.text_encoder_lr
+# ModelSpec per family (sd-scripts' sai_model_spec: LoRAs on SDXL name Stability's sgm implementation, SD 1.x /
+# 2.x LoRAs "diffusers"; the default resolution is the family's native one).
+IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
+
+
+def _text_encoder_lr(cfg: TrainConfig) -> Any:
+    """What sd-scripts writes as ss_text_encoder_lr with networks.lora / lycoris.kohya: the one value
+    train_network uses, i.e. the first of a --text_encoder_lr list (None for an empty list)."""
+    lr = cfg.text_encoder_lr
+    if isinstance(lr, (list, tuple)):
+        return lr[0] if lr else None
+    return lr
+
+
+def family_of(model_info: Any) -> str:
+    return getattr(model_info, "family", "sd1") or "sd1"
+
+
+def architecture(model_info: Any) -> str:
+    """modelspec.architecture of a LoRA on this model (ModelInfo.architecture when it has one)."""
+    arch = getattr(model_info, "architecture", None)
+    if arch:
+        return arch
+    family, v = family_of(model_info), getattr(model_info, "prediction_type", "epsilon") == "v_prediction"
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base/lora"
+    if family == "sd2":
+        return "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def implementation(model_info: Any) -> str:
+    impl = getattr(model_info, "implementation", None)
+    if impl:
+        return impl
+    return IMPL_SGM if family_of(model_info) == "sdxl" else IMPL_DIFFUSERS
+
+
+def native_resolution(model_info: Any) -> int:
+    """sd-scripts' default modelspec.resolution: 1024 SDXL, 768 SD 2.x v-prediction, else 512."""
+    native = getattr(model_info, "native_resolution", None)
+    if native:
+        return int(native)
+    family, v = family_of(model_info), getattr(model_info, "prediction_type", "epsilon") == "v_prediction"
+    return 1024 if family == "sdxl" else 768 if (family == "sd2" and v) else 512
+
+
+def resolution_text(cfg: TrainConfig, model_info: Any) -> str:
+    """modelspec.resolution: the run's resolution, or the family's native one when none is set."""
+    if cfg.resolution in (None, ""):
+        n = native_resolution(model_info)
+        return f"{n}x{n}"
+    w, h = cfg.resolution_wh
+    return f"{w}x{h}"
 
 
 def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[str, Any], plan: Any,
@@ -35,7 +88,7 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
         "ss_training_started_at": started_at,
         "ss_output_name": cfg.output_name,
         "ss_learning_rate": cfg.learning_rate,
-        "ss_text_encoder_lr": _default_text_encoder_lr(cfg),
+        "ss_text_encoder_lr": _text_encoder_lr(cfg),
         "ss_unet_lr": cfg.unet_lr,
         "ss_num_train_images": data_summary["num_train_images"],
         "ss_num_validation_images": data_summary.get("num_validation_images", 0),
@@ -97,11 +150,10 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
     datasets = data_summary.get("datasets") or []
     if folder_mode:
         first = datasets[0] if datasets else {}
-        w, h = cfg.resolution_wh
         meta.update({
             "ss_batch_size_per_device": cfg.train_batch_size,
             "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
-            "ss_resolution": (w, h),
+            "ss_resolution": None if cfg.resolution in (None, "") else cfg.resolution_wh,
             "ss_color_aug": False,
             "ss_flip_aug": bool(cfg.flip_aug),
             "ss_random_crop": bool(cfg.random_crop),
@@ -131,19 +183,18 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
 
 
 def modelspec(cfg: TrainConfig, *, model_info: Any, timestamp: float) -> dict[str, str]:
-    """ModelSpec 1.0.1 keys as sd-scripts writes them for an SD1/SD2 LoRA."""
-    w, h = cfg.resolution_wh
+    """ModelSpec 1.0.1 keys as sd-scripts writes them for a LoRA on SD 1.x, SD 2.x or SDXL."""
     spec: dict[str, Any] = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": model_info.architecture,
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": architecture(model_info),
+        "modelspec.implementation": implementation(model_info),
         "modelspec.title": cfg.metadata_title or cfg.output_name or f"LoRA@{timestamp}",
         "modelspec.author": cfg.metadata_author,
         "modelspec.description": cfg.metadata_description,
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
         "modelspec.license": cfg.metadata_license,
         "modelspec.tags": cfg.metadata_tags,
-        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.resolution": resolution_text(cfg, model_info),
         "modelspec.prediction_type": "v" if model_info.prediction_type == "v_prediction" else "epsilon",
         "modelspec.timestep_range": (f"{cfg.min_timestep or 0},{cfg.max_timestep or 1000}"
                                      if cfg.min_timestep is not None or cfg.max_timestep is not None else None),
