@@ -292,6 +292,20 @@ def unet_diffusers_to_ldm(unet: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return _rename(unet, _unet_modules_from_diffusers(list(unet)), to_diffusers=False, label="UNet")
 
 
+def unet_module_names(diffusers_keys) -> dict[str, str]:
+    """{diffusers module path: ldm / sgm module path} of every module holding parameters, e.g.
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "input_blocks.4.1.transformer_blocks.0.attn1.
+    to_q" (SDXL). `diffusers_keys`: ALL state-dict keys of the UNet (or the UNet itself): the ldm block numbers
+    depend on the whole layout, so a single key cannot be converted alone."""
+    if hasattr(diffusers_keys, "state_dict"):
+        diffusers_keys = diffusers_keys.state_dict().keys()
+    names = {k: k for k in diffusers_keys}
+    out: dict[str, str] = {}
+    for ldm_key, diff_key in unet_diffusers_to_ldm(names).items():
+        out[diff_key.rpartition(".")[0]] = ldm_key.rpartition(".")[0]
+    return out
+
+
 # ---------------------------------------------------------------- VAE
 
 def _vae_modules(n_levels: int, keys, from_ldm: bool) -> list[_Module]:
