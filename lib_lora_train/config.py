@@ -16,8 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "DAdaptAdam", "DAdaptation", "Adafactor",
-              "SGDNesterov")
+from .training.optim import OPTIMIZER_NAMES as OPTIMIZERS  # noqa: E402  (one list of names: the optimizer table)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "adafactor")
 NETWORK_MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
@@ -27,8 +26,10 @@ NETWORK_MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str = ""
-    v2: bool = False
+    v2: bool = False                    # sd-scripts' assertion that the checkpoint is SD 2.x (checked on load)
+    sdxl: bool = False                  # the same for SDXL (sd-scripts' sdxl_train_network.py)
     v_parameterization: bool = False
+    zero_terminal_snr: bool = False     # rescale the noise schedule to zero terminal SNR (needs v-prediction)
     clip_skip: int | None = None
     max_token_length: int | None = None
     no_half_vae: bool = False
@@ -80,7 +81,7 @@ class TrainConfig:
     optimizer_args: list[str] = field(default_factory=list)
     learning_rate: float = 1e-4
     unet_lr: float | None = None
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | list[float] | None = None   # SDXL: two values = te1, te2
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: float = 0
@@ -97,6 +98,11 @@ class TrainConfig:
     full_fp16: bool = False
     full_bf16: bool = False
     gradient_checkpointing: bool = False
+    fp8_base: bool = False              # frozen UNet and text-encoder weights stored in fp8, upcast per layer
+    fp8_base_unet: bool = False         # the same for the UNet only
+    fused_backward_pass: bool = False   # Adafactor: the step inside the backward pass, per parameter
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
     # --- noise and loss
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
@@ -135,6 +141,8 @@ class TrainConfig:
     sample_every_n_steps: int | None = None
     sample_at_first: bool = False
     sample_sampler: str = "dpm++_2m_karras"  # sd-scripts: ddim; ours matches the WebUI's favourite
+    sample_weight: float = 1.0               # the LoRA's weight in the previews (<lora:name:W> in the WebUI)
+    sample_clip_skip: int | None = None      # the previews' clip skip; None: the run's clip_skip
     # --- validation loss (sd-scripts' keys and meaning; see training/evaluate.py)
     validation_split: float = 0.0       # fraction of each dataset's training images held out (never reg images)
     validation_seed: int | None = None  # seed of the split's shuffle and of the fixed noise (default: seed)
@@ -180,7 +188,6 @@ UNSUPPORTED: dict[str, str] = {
     "save_last_n_epochs_state": "not supported",
     "save_last_n_steps_state": "not supported",
     "scale_weight_norms": "max-norm regularisation is not supported yet",
-    "zero_terminal_snr": "not supported yet",
     "scale_v_pred_loss_like_noise_pred": "not supported yet",
     "v_pred_like_loss": "not supported yet",
     "weighted_captions": "not supported yet",
@@ -188,13 +195,9 @@ UNSUPPORTED: dict[str, str] = {
     "alpha_mask": "not supported yet",
     "base_weights": "merging LoRAs into the base before training is not supported yet",
     "base_weights_multiplier": "not supported yet",
-    "fp8_base": "fp8 base weights are not supported",
-    "fp8_base_unet": "fp8 base weights are not supported",
     "torch_compile": "not supported yet",
     "dynamo_backend": "not supported yet",
     "deepspeed": "not supported",
-    "cache_text_encoder_outputs": "SDXL option; SDXL is not supported yet",
-    "cache_text_encoder_outputs_to_disk": "SDXL option; SDXL is not supported yet",
     "log_with": "use the run record (events.jsonl) written beside the outputs; TensorBoard/W&B are not supported",
     "logging_dir": "use the run record (events.jsonl) written beside the outputs; TensorBoard is not supported",
     "log_prefix": "TensorBoard/W&B logging is not supported",
@@ -215,7 +218,6 @@ UNSUPPORTED: dict[str, str] = {
     "mode_scale": "SD3 option",
     "weighting_scheme": "SD3/FLUX option",
     "blocks_to_swap": "not supported",
-    "fused_backward_pass": "not supported",
     "output_config": "not supported; the run record holds the full config",
     "config_file": "pass the file with --config",
 }
@@ -249,8 +251,25 @@ def _closest(key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+def _float_or_floats(name: str, value: Any) -> float | list[float] | None:
+    """text_encoder_lr: one number, or sd-scripts' list (one per SDXL text encoder); one value stays a float."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    items = value.replace(",", " ").split() if isinstance(value, str) else \
+        list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        nums = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number or a list of numbers, got {value!r}") from None
+    if not nums:
+        return None
+    return nums[0] if len(nums) == 1 else nums
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Convert a TOML or command-line value to the field's declared type."""
+    if name == "text_encoder_lr":
+        return _float_or_floats(name, value)
     hint = typing.get_type_hints(TrainConfig)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -296,6 +315,9 @@ def _coerce(name: str, value: Any) -> Any:
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Build (or update) a config from sd-scripts-named keys; checks every key and value."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    if "preset" in values:   # presets as data (lib_lora_train/presets): their options under the explicit keys
+        from .presets import expand_preset
+        values = expand_preset(values)
     for raw_key, value in values.items():
         key = ALIASES.get(raw_key.replace("-", "_"), raw_key.replace("-", "_"))
         if key in UNSUPPORTED:
@@ -362,7 +384,8 @@ def parse_cli_overrides(argv: list[str]) -> dict[str, Any]:
             j += 1
         canonical = ALIASES.get(key, key)
         field_ = _FIELDS.get(canonical)
-        is_list = field_ is not None and typing.get_origin(typing.get_type_hints(TrainConfig)[canonical]) is list
+        is_list = field_ is not None and (canonical == "text_encoder_lr" or typing.get_origin(
+            typing.get_type_hints(TrainConfig)[canonical]) is list)
         if not values:
             out[key] = True           # store_true flag
         elif is_list:
@@ -380,9 +403,42 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_memory_options(cfg: TrainConfig) -> None:
+    """fp8 base, text-encoder output caching, fused backward pass, zero terminal SNR, per-encoder lrs."""
+    _require(not (cfg.fp8_base or cfg.fp8_base_unet) or cfg.mixed_precision in ("fp16", "bf16"),
+             "fp8_base / fp8_base_unet need mixed_precision = \"fp16\" or \"bf16\" (the weights are upcast to it)")
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        _require(cfg.network_train_unet_only,
+                 "cache_text_encoder_outputs needs network_train_unet_only = true (a trained text encoder changes its "
+                 "outputs every step)")
+        changing = [k for k in ("shuffle_caption", "token_warmup_step", "caption_tag_dropout_rate",
+                                "caption_dropout_rate", "caption_dropout_every_n_epochs", "enable_wildcard")
+                    if getattr(cfg, k)]
+        _require(not changing, "cache_text_encoder_outputs: a caption must encode the same every step, but "
+                               f"{', '.join(changing)} change it (sd-scripts refuses the same)")
+    if cfg.fused_backward_pass:
+        _require(cfg.optimizer_type.lower() == "adafactor",
+                 f"fused_backward_pass works with optimizer_type = \"Adafactor\" only, not '{cfg.optimizer_type}'")
+        _require(cfg.gradient_accumulation_steps == 1,
+                 "fused_backward_pass cannot be combined with gradient_accumulation_steps > 1")
+        _require(cfg.mixed_precision != "fp16",
+                 "fused_backward_pass cannot be used with fp16 loss scaling; use mixed_precision = \"bf16\" or \"no\"")
+    lrs = cfg.text_encoder_lr if isinstance(cfg.text_encoder_lr, list) else \
+        [] if cfg.text_encoder_lr is None else [cfg.text_encoder_lr]
+    _require(len(lrs) <= 2, f"text_encoder_lr: at most two values (SDXL's two text encoders), got {len(lrs)}")
+    _require(all(v >= 0 for v in lrs), "text_encoder_lr must not be negative")
+
+
+def te_lrs(cfg: TrainConfig) -> list[float] | None:
+    """text_encoder_lr as a list (None: unset)."""
+    v = cfg.text_encoder_lr
+    return None if v is None else list(v) if isinstance(v, list) else [float(v)]
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks that do not need the file system (those happen when the run starts)."""
-    _require(not cfg.v2, "v2: SD 2.x checkpoints are not supported yet (SD 1.x only)")
+    _require(not (cfg.v2 and cfg.sdxl), "v2 and sdxl cannot both be set (SD 2.x or SDXL?)")
+    _validate_memory_options(cfg)
     _require(cfg.network_module in NETWORK_MODULES,
              f"network_module: expected one of {', '.join(NETWORK_MODULES)}, got '{cfg.network_module}'")
     _require(cfg.mixed_precision in ("no", "fp16", "bf16"),
@@ -398,6 +454,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(not (cfg.network_train_unet_only and cfg.network_train_text_encoder_only),
              "network_train_unet_only and network_train_text_encoder_only cannot both be set")
     _require(cfg.clip_skip is None or 1 <= cfg.clip_skip <= 12, f"clip_skip: expected 1..12, got {cfg.clip_skip}")
+    _require(cfg.sample_clip_skip is None or 1 <= cfg.sample_clip_skip <= 12,
+             f"sample_clip_skip: expected 1..12, got {cfg.sample_clip_skip}")
+    _require(-4 <= cfg.sample_weight <= 4, f"sample_weight: expected -4..4, got {cfg.sample_weight}")
     _require(cfg.max_token_length in (None, 75, 150, 225),
              f"max_token_length: expected 75, 150 or 225, got {cfg.max_token_length}")
     _require(cfg.train_batch_size >= 1, "train_batch_size must be at least 1")

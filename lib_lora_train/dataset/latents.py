@@ -2,7 +2,10 @@
 
 A disk entry is one safetensors file in `cache_dir` (never beside the user's images) named by a hash of what
 determines the latent: absolute path, file size and mtime, bucket, resized size, crop, resize filter and the
-VAE identity. An unchanged image in an unchanged bucket reuses its file across runs; a changed one gets a new
+VAE identity (which includes the model family and latent scale), and ends in the family (`_sdxl`, as sd-scripts
+names its SDXL cache files), so an SDXL cache is never read for another family or VAE. The file also stores the
+image's original size, which with the bucket fixes SDXL's size conditioning. An unchanged image in an unchanged
+bucket reuses its file across runs; a changed one gets a new
 name and is encoded again. Files are written to a temporary name and renamed, so a crash never leaves a
 truncated file under a valid name, and a file that fails to load or has the wrong shape is simply re-encoded.
 """
@@ -22,7 +25,7 @@ from ..errors import DataError, ModelError
 from .images import load_item_tensor
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
-CACHE_FORMAT = "lib_lora_train.latents.v1"
+CACHE_FORMAT = "lib_lora_train.latents.v2"   # v2: the SDXL size conditioning is stored with the latents
 
 
 @dataclass
@@ -48,13 +51,19 @@ def _atomic_write(path: str, data: bytes) -> None:
     atomic_write_bytes(path, data, sync=False)
 
 
+def _size_tensor(item) -> torch.Tensor:
+    """(width, height) of the original image: with the bucket it fixes SDXL's size conditioning (dataset/sizes.py)."""
+    return torch.tensor([int(v) for v in item.original_size], dtype=torch.int64)
+
+
 class LatentCache:
     def __init__(self, encode_fn: EncodeFn, vae_id: str, *, cache_dir: str | None = None,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, family: str = "sd") -> None:
         if batch_size < 1:
             raise DataError(f"vae_batch_size must be at least 1, got {batch_size}")
         self.encode_fn = encode_fn
         self.vae_id = str(vae_id)
+        self.family = str(family)
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
         self.batch_size = int(batch_size)
         self.stats = CacheStats()
@@ -66,7 +75,7 @@ class LatentCache:
         size, mtime_ns = _file_identity(item.path)
         ident = (CACHE_FORMAT, os.path.abspath(item.path), size, mtime_ns, tuple(item.bucket),
                  tuple(item.resized_size), tuple(item.crop), item.resize_interpolation, self.vae_id)
-        return hashlib.sha256(repr(ident).encode("utf-8")).hexdigest() + ".safetensors"
+        return f"{hashlib.sha256(repr(ident).encode('utf-8')).hexdigest()}_{self.family}.safetensors"
 
     def _disk_path(self, item) -> str | None:
         return os.path.join(self.cache_dir, self.cache_name(item)) if self.cache_dir else None
@@ -88,6 +97,8 @@ class LatentCache:
             return None
         if want_flip and (flipped is None or flipped.shape != latent.shape):
             return None
+        if not torch.equal(tensors.get("original_size", torch.zeros(0)), _size_tensor(item)):
+            return None    # the image's size conditioning would differ: encode again
         return latent, flipped
 
     def _save_disk(self, item, latent: torch.Tensor, flipped: torch.Tensor | None) -> None:
@@ -95,10 +106,11 @@ class LatentCache:
         if path is None:
             return
         os.makedirs(self.cache_dir, exist_ok=True)  # type: ignore[arg-type]
-        tensors = {"latents": latent.contiguous()}
+        tensors = {"latents": latent.contiguous(), "original_size": _size_tensor(item)}
         if flipped is not None:
             tensors["latents_flipped"] = flipped.contiguous()
         meta = {"format": CACHE_FORMAT, "image": os.path.abspath(item.path), "vae": self.vae_id,
+                "family": self.family,
                 "bucket": f"{item.bucket[0]}x{item.bucket[1]}"}
         _atomic_write(path, st_save(tensors, metadata=meta))
 

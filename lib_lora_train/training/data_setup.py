@@ -100,7 +100,8 @@ def make_encoder(model, device: torch.device):
 
 def vae_identity(model) -> str:
     """A cheap fingerprint of the VAE weights, so a changed VAE never reuses old cached latents."""
-    h = hashlib.sha256(f"{model.info.name}|{model.vae.dtype}".encode())
+    info = model.info
+    h = hashlib.sha256(f"{info.name}|{model.vae.dtype}|{info.family}|{info.latent_scale}".encode())
     for i, (name, p) in enumerate(model.vae.state_dict().items()):
         if i % 8 == 0:
             h.update(name.encode())
@@ -120,7 +121,7 @@ class LatentSource:
             if cfg.cache_latents_to_disk:
                 cache_dir = cfg.latents_cache_dir or os.path.join(cfg.output_dir, ".latents")
             self.cache = LatentCache(self.encode, vae_identity(model), cache_dir=cache_dir,
-                                     batch_size=cfg.vae_batch_size)
+                                     batch_size=cfg.vae_batch_size, family=model.info.family)
 
             def progress(done: int, total: int) -> None:
                 if emit is not None and (done == total or done % 16 == 0):

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..models.conditioning import SizeInfo, compute_dtype, effective_clip_skip, unet_inputs
 from .noise import compute_loss, target_for
 
 VALIDATION_TIMESTEPS = 4          # as sd-scripts (its NUM_VALIDATION_TIMESTEPS)
@@ -37,9 +38,10 @@ def fixed_denoising_loss(model, latents: torch.Tensor, captions: list[str], *, s
                          timesteps_per_image: int = 4, clip_skip: int | None = None,
                          batch_size: int = 8) -> float:
     """Mean loss over `timesteps_per_image` evenly spread timesteps per latent, with seeded noise."""
-    from ..models import encode_prompts
+    from ..models import encode_text
     device = model.unet.device
     sched = model.noise_scheduler
+    dtype = compute_dtype(model.unet)
     n_train = sched.config.num_train_timesteps
     # evenly spread timesteps (offset per image so every image sees different ones), seeded noise
     gen = torch.Generator().manual_seed(seed)
@@ -54,9 +56,10 @@ def fixed_denoising_loss(model, latents: torch.Tensor, captions: list[str], *, s
         lat = torch.stack([latents[i] for i, _, _ in chunk]).to(device, torch.float32)
         noise = torch.stack([n for _, _, n in chunk]).to(device)
         ts = torch.tensor([t for _, t, _ in chunk], device=device, dtype=torch.long)
-        cond = encode_prompts(model, [captions[i] for i, _, _ in chunk], clip_skip=clip_skip, device=device)
+        cond = encode_text(model, [captions[i] for i, _, _ in chunk], clip_skip=clip_skip, device=device)
         noisy = sched.add_noise(lat, noise, ts)
-        pred = model.unet(noisy.to(model.unet.dtype), ts, cond.to(model.unet.dtype)).sample
+        sizes = [SizeInfo.uncropped(lat.shape[2] * 8, lat.shape[3] * 8)] * len(chunk)
+        pred = model.unet(noisy.to(dtype), ts, **unet_inputs(model, cond, sizes, dtype)).sample
         target = target_for(sched, lat, noise, ts, model.info.prediction_type)
         loss = compute_loss(pred.float(), target.float())
         total += float(loss.sum())
@@ -68,10 +71,15 @@ def fixed_denoising_loss(model, latents: torch.Tensor, captions: list[str], *, s
 
 @dataclass
 class EvalItem:
-    """One validation image: its latent [C, H, W], the caption it is conditioned on, its noise seed."""
+    """One validation image: its latent [C, H, W], the caption it is conditioned on, its noise seed, and its
+    SDXL size conditioning (None: uncropped at the latent's size)."""
     latent: torch.Tensor
     caption: str
     seed: int
+    size: SizeInfo | None = None
+
+    def size_info(self) -> SizeInfo:
+        return self.size or SizeInfo.uncropped(self.latent.shape[1] * 8, self.latent.shape[2] * 8)
 
 
 def validation_timesteps(num_train_timesteps: int, min_timestep: int | None = None,
@@ -93,24 +101,26 @@ def latent_seed(latent: torch.Tensor, base_seed: int) -> int:
 @torch.no_grad()
 def denoising_loss(model, items: Sequence[EvalItem], timesteps: Sequence[int], *, clip_skip: int | None = None,
                    max_token_length: int | None = None, batch_size: int = 8,
-                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
+                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   scheduler=None) -> float:
     """Mean squared error of the model's prediction over every (item, timestep), at each item's fixed noise.
 
     Uses whatever network is applied to the model right now, in the modes the modules are in (see
     `evaluation_mode`). Items of different latent sizes (buckets) are batched separately.
     """
-    from ..models import encode_prompts
+    from ..models import TextConditioning, encode_text
     if not items:
         raise ValueError("denoising_loss needs at least one item")
     device = model.unet.device
-    sched = model.noise_scheduler
+    sched = scheduler if scheduler is not None else model.noise_scheduler
+    dtype = compute_dtype(model.unet)
     autocast = autocast or contextlib.nullcontext
     # each item's caption is encoded once per evaluation (the text encoder may carry the network)
-    conds: dict[str, torch.Tensor] = {}
+    conds: dict[str, TextConditioning] = {}
     for cap in dict.fromkeys(it.caption for it in items):
         with autocast():
-            conds[cap] = encode_prompts(model, [cap], clip_skip=clip_skip, max_token_length=max_token_length,
-                                        device=device)[0]
+            conds[cap] = encode_text(model, [cap], clip_skip=clip_skip, max_token_length=max_token_length,
+                                     device=device)
     work: dict[tuple, list[tuple[EvalItem, int, torch.Tensor]]] = {}
     for it in items:
         gen = torch.Generator().manual_seed(it.seed)
@@ -124,10 +134,13 @@ def denoising_loss(model, items: Sequence[EvalItem], timesteps: Sequence[int], *
             lat = torch.stack([it.latent for it, _, _ in chunk]).to(device, torch.float32)
             noise = torch.stack([n for _, _, n in chunk]).to(device)
             ts = torch.tensor([t for _, t, _ in chunk], device=device, dtype=torch.long)
-            cond = torch.stack([conds[it.caption] for it, _, _ in chunk])
+            rows = [conds[it.caption] for it, _, _ in chunk]
+            cond = TextConditioning(hidden=torch.cat([r.hidden for r in rows]),
+                                    pooled=None if rows[0].pooled is None else torch.cat([r.pooled for r in rows]))
+            sizes = [it.size_info() for it, _, _ in chunk]
             with autocast():
                 noisy = sched.add_noise(lat, noise, ts)
-                pred = model.unet(noisy.to(model.unet.dtype), ts, cond.to(model.unet.dtype)).sample
+                pred = model.unet(noisy.to(dtype), ts, **unet_inputs(model, cond, sizes, dtype)).sample
             target = target_for(sched, lat, noise, ts, model.info.prediction_type)
             loss = compute_loss(pred.float(), target.float())
             total += float(loss.sum())
@@ -189,10 +202,13 @@ def fallback_batches(data, batch_size: int, max_images: int = FALLBACK_MAX_IMAGE
 class Validator:
     """The loop's validation: which images, when, and one number per measurement (emitted as VALIDATION)."""
 
-    def __init__(self, cfg, data, model, latents, emit, *, autocast=None):
+    def __init__(self, cfg, data, model, latents, emit, *, autocast=None, scheduler=None):
         from ..dataset import load_item_tensor
+        from ..dataset.sizes import size_info
         from ..events import LOG, WARNING, Event
         self.cfg, self.model, self.emit, self.autocast = cfg, model, emit, autocast
+        self.scheduler = scheduler             # the training schedule (zero_terminal_snr changes it)
+        self.clip_skip = effective_clip_skip(model, cfg.clip_skip)[0]
         self.items: list[EvalItem] = []
         self.source = None
         self._last: tuple[int, float] | None = None
@@ -219,7 +235,8 @@ class Validator:
                 else:
                     lat = latents.encode(load_item_tensor(s.item).unsqueeze(0))[0]
                 lat = lat.detach().to("cpu", torch.float32)
-                self.items.append(EvalItem(lat, _plain_caption(s.item), latent_seed(lat, base_seed)))
+                self.items.append(EvalItem(lat, _plain_caption(s.item), latent_seed(lat, base_seed),
+                                           size_info(s.item, False)))
         self.seed = base_seed
         self.timesteps = validation_timesteps(model.noise_scheduler.config.num_train_timesteps,
                                               cfg.min_timestep, cfg.max_timestep)
@@ -240,10 +257,12 @@ class Validator:
 
     def measure(self, network) -> float:
         model = self.model
-        with evaluation_mode([model.unet, model.text_encoder, network]):
-            return denoising_loss(model, self.items, self.timesteps, clip_skip=self.cfg.clip_skip,
+        encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
+        with evaluation_mode([model.unet, *encoders, network]):
+            return denoising_loss(model, self.items, self.timesteps, clip_skip=self.clip_skip,
                                   max_token_length=self.cfg.max_token_length,
-                                  batch_size=max(1, self.cfg.train_batch_size), autocast=self.autocast)
+                                  batch_size=max(1, self.cfg.train_batch_size), autocast=self.autocast,
+                                  scheduler=self.scheduler)
 
     def run(self, network, *, at: str, epoch: int, step: int) -> float:
         from ..events import VALIDATION, Event

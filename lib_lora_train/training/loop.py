@@ -17,19 +17,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, te_lrs
 from ..errors import ConfigError, Interrupted
-from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STATE_SAVED, STEP, WARNING,
-                      Event, EventSink, fan_out)
+from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAVED, START, STATE_SAVED, STEP, WARNING, Event,
+                      EventSink, fan_out)
 from ..record import RunRecord
 from . import metadata as md
 from .data_setup import build_training_data, captions_for, make_latent_source
 from .evaluate import Validator
+from .memory import enable_checkpointing, fp8_targets, store_in_fp8, use_sdpa
 from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weights, sample_noise, \
-    sample_timesteps, target_for
+    sample_timesteps, target_for, with_zero_terminal_snr
 from .optim import make_optimizer
+from .previews import Previews
 from .schedulers import make_scheduler
 from .state import load_train_state, restore_into, save_train_state
+from .te_cache import TextSource, check_cacheable
+from .update import Updater
 
 
 @dataclass
@@ -95,8 +99,10 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     """Run one training job. `model` (an SDModel) is used as given when a host already holds one.
     `preview_renderer(lora_path, specs, weight) -> [PIL images]`: a host's own pipeline for the previews (the
     WebUI's), given the network saved to a file at that moment; on its failure the built-in sampler makes them."""
-    from ..models import encode_prompts, ensure_hashes, load_sd_model
-    from ..models.text import tokenize  # noqa: F401  (kept importable for hosts that pre-tokenize)
+    from ..dataset import process_caption
+    from ..dataset.sizes import batch_sizes
+    from ..models import ensure_hashes, load_sd_model
+    from ..models.conditioning import effective_clip_skip, family_traits, unet_inputs
     from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
 
     stop = stop or threading.Event()
@@ -111,6 +117,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         weight_dtype, autocast_dtype = _dtypes(cfg, device)
 
         # ---------------------------------------------------------------- model
+        host_model = model is not None
         if model is None:
             emit(Event(LOG, {"message": f"loading {cfg.pretrained_model_name_or_path}"}))
             if not cfg.pretrained_model_name_or_path:
@@ -122,14 +129,27 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 model.vae.to(torch.float32)   # fp16 convolutions are not implemented on every CPU build
         else:
             restore.append(_remember_modes(model))
-        unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
-        if cfg.no_half_vae and vae.dtype != torch.float32:
+        unet, vae = model.unet, model.vae
+        unet_dtype = unet.dtype            # the compute dtype (fp8_base below only changes how weights are stored)
+        text_encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
+        traits = family_traits(model)
+        _check_family(cfg, model.info.family)
+        if (cfg.no_half_vae or traits.vae_fp32) and vae.dtype != torch.float32:
             restore.append(lambda v=vae, d=vae.dtype: v.to(d))
-            vae.to(torch.float32)
+            vae.to(torch.float32)      # SDXL's VAE overflows to NaN in fp16 (sd-scripts: no_half_vae)
         info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
         if cfg.v_parameterization and info.prediction_type != "v_prediction":
             info.prediction_type, info.base_model_version = "v_prediction", info.base_model_version + "_v"
         scheduler_cfg = model.noise_scheduler
+        if cfg.zero_terminal_snr:
+            if info.prediction_type != "v_prediction":
+                raise ConfigError("zero_terminal_snr needs a v-prediction model (or v_parameterization = true): "
+                                  "with zero terminal SNR an epsilon model has nothing to predict at the last step")
+            scheduler_cfg = with_zero_terminal_snr(scheduler_cfg)
+        clip_skip, clip_warning = effective_clip_skip(model, cfg.clip_skip)
+        if clip_warning:
+            emit(Event(WARNING, {"message": clip_warning}))
+        restore.append(use_sdpa(unet))
 
         # ---------------------------------------------------------------- data
         data, folder_mode = build_training_data(cfg, emit)
@@ -138,17 +158,32 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                    max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps)
         summary = data.summary()
         latents = make_latent_source(cfg, data, model, device, emit)
+        cache_te = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+        if cache_te:
+            check_cacheable(data)
+        text = TextSource(model, clip_skip=clip_skip, max_token_length=cfg.max_token_length, device=device,
+                          cache=cache_te, autocast=lambda: _autocast(device, autocast_dtype),
+                          cache_dir=(cfg.latents_cache_dir or os.path.join(cfg.output_dir, ".te_outputs"))
+                          if cfg.cache_text_encoder_outputs_to_disk else None)
+        if cache_te:   # captions are fixed (check_cacheable), so processing them once gives every step's text
+            text.prepare(process_caption(it.caption, it.subset, epoch=1, step=0, max_steps=plan.total_steps,
+                                         rng=random.Random(0)) for it in data.items)
+            emit(Event(LOG, {"message": f"text-encoder outputs cached: {text.encoded} encoded, "
+                                        f"{text.disk_hits} read from disk"}))
+        for module in fp8_targets(cfg, model, host_model=host_model):
+            store_in_fp8(module, weight_dtype)
 
         # ---------------------------------------------------------------- network
         train_unet = not cfg.network_train_text_encoder_only
-        train_te = not cfg.network_train_unet_only and (cfg.text_encoder_lr is None or cfg.text_encoder_lr > 0)
+        train_te = not cfg.network_train_unet_only and (te_lrs(cfg) is None or any(lr > 0 for lr in te_lrs(cfg)))
         net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha,
                                            cfg.network_args, train_unet=train_unet, train_text_encoder=train_te,
                                            network_dropout=cfg.network_dropout)
         if cfg.network_weights and cfg.dim_from_weights:
             net_cfg = _dims_from_file(net_cfg, cfg.network_weights, read_network_file)
         torch.manual_seed(derive_seed(cfg.seed_value, 0x1417))   # the network's initial weights
-        network = create_network(net_cfg, unet, text_encoder)
+        network = create_network(net_cfg, unet, text_encoders[0] if len(text_encoders) == 1 else text_encoders,
+                                 family=info.family)
         network.to(device)
         if cfg.network_weights:
             tensors, _ = read_network_file(cfg.network_weights)
@@ -169,9 +204,12 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                       num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
         scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and device.type == "cuda" \
             else None
+        updater = Updater(optimizer, max_grad_norm=cfg.max_grad_norm, scaler=scaler, fused=cfg.fused_backward_pass,
+                          accumulation_steps=cfg.gradient_accumulation_steps)
+        restore.append(updater.close)
 
         if cfg.gradient_checkpointing:
-            restore.append(_enable_checkpointing(unet, text_encoder if train_te else None))
+            restore.append(enable_checkpointing(unet, text_encoders if train_te else []))
 
         # ---------------------------------------------------------------- resume
         global_step, first_epoch = 0, 0
@@ -212,8 +250,9 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             meta = md.for_save(run_meta, cfg, model_info=info, step=step, epoch=epoch)
             save_network_file(path, network.save_tensors(_save_dtype(cfg)), meta, overwrite=True)
 
-        sampler = _Previews(cfg, model, network, emit, renderer=preview_renderer, write_lora=write_preview_lora)
-        validator = Validator(cfg, data, model, latents, emit, autocast=lambda: _autocast(device, autocast_dtype))
+        sampler = Previews(cfg, model, network, emit, renderer=preview_renderer, write_lora=write_preview_lora)
+        validator = Validator(cfg, data, model, latents, emit, autocast=lambda: _autocast(device, autocast_dtype),
+                              scheduler=scheduler_cfg)
         record.set(validation_source={"source": validator.source, "images": len(validator.items)}
                    if validator.enabled else None)
         emit(Event(START, {"total_steps": plan.total_steps, "epochs": plan.epochs,
@@ -250,8 +289,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                         max_steps=plan.total_steps, rng=caption_rng)
                 with _autocast(device, autocast_dtype):
                     with torch.set_grad_enabled(train_te):
-                        cond = encode_prompts(model, captions, clip_skip=cfg.clip_skip,
-                                              max_token_length=cfg.max_token_length, device=device)
+                        cond = text.encode(captions)      # hidden states (+ SDXL's pooled embedding)
                     noise = sample_noise(lat, gen, noise_offset=cfg.noise_offset,
                                          noise_offset_random_strength=cfg.noise_offset_random_strength,
                                          adaptive_noise_scale=cfg.adaptive_noise_scale,
@@ -261,7 +299,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                                  max_timestep=cfg.max_timestep or 1000, device=device)
                     noisy_in = ip_noise(noise, cfg.ip_noise_gamma, gen) if cfg.ip_noise_gamma else noise
                     noisy = scheduler_cfg.add_noise(lat, noisy_in, timesteps)
-                    pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample
+                    pred = unet(noisy.to(unet_dtype), timesteps,
+                                **unet_inputs(model, cond, batch_sizes(batch), unet_dtype)).sample
                 target = target_for(scheduler_cfg, lat, noise, timesteps, info.prediction_type)
                 per_sample = compute_loss(pred.float(), target.float(), loss_type=cfg.loss_type,
                                           huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule,
@@ -274,7 +313,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                     weights = weights * debiased_weights(timesteps, scheduler_cfg,
                                                          info.prediction_type).to(weights.device)
                 loss = (per_sample * weights).mean()
-                (scaler.scale(loss / ga) if scaler else loss / ga).backward()
+                updater.backward(loss)
                 loss_value = float(loss.detach())
                 epoch_loss += loss_value
                 epoch_count += 1
@@ -282,18 +321,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 end_of_step = (b_index + 1) % ga == 0 or b_index + 1 == len(batches)
                 if not end_of_step:
                     continue
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                updater.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 global_step += 1
 
                 recent = (recent + [loss_value])[-50:]
@@ -395,9 +424,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
             yield
 
 
+def _check_family(cfg: TrainConfig, family: str) -> None:
+    """sd-scripts' v2 / sdxl flags are assertions about the checkpoint here (the family is read from its keys)."""
+    for flag, want, what in (("v2", "sd2", "SD 2.x"), ("sdxl", "sdxl", "SDXL")):
+        if getattr(cfg, flag) and family != want:
+            raise ConfigError(f"{flag} = true says the checkpoint is {what}, but the loaded model is {family}; "
+                              f"remove {flag} (the family is detected from the checkpoint) or choose another model")
+
+
 def _remember_modes(model):
     """Undo for a host's model: train/eval modes and requires_grad flags exactly as they were."""
-    modules = [model.unet, model.vae, model.text_encoder]
+    modules = [model.unet, model.vae, *(getattr(model, "text_encoders", None) or [model.text_encoder])]
     modes = [(m, m.training) for m in modules]
     grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
 
@@ -406,26 +443,6 @@ def _remember_modes(model):
             m.train(mode)
         for p, flag in grads:
             p.requires_grad_(flag)
-    return undo
-
-
-def _enable_checkpointing(unet, text_encoder):
-    unet.enable_gradient_checkpointing()
-    unet_mode = unet.training
-    unet.train()   # diffusers checkpoints only in training mode; SD's UNet has no dropout to switch on
-    if text_encoder is not None:
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.enable_input_require_grads()
-        te_mode = text_encoder.training
-        text_encoder.train()
-
-    def undo() -> None:
-        unet.disable_gradient_checkpointing()
-        unet.train(unet_mode)
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_disable()
-            text_encoder.disable_input_require_grads()
-            text_encoder.train(te_mode)
     return undo
 
 
@@ -456,66 +473,3 @@ def _prune_old_epochs(cfg: TrainConfig, done_epochs: int, emit) -> None:
         if os.path.exists(path):
             os.unlink(path)
             emit(Event(LOG, {"message": f"removed {os.path.basename(path)} (save_last_n_epochs)"}))
-
-
-class _Previews:
-    """sample_prompts every n epochs / steps, made with the network applied as it is at that moment."""
-
-    def __init__(self, cfg: TrainConfig, model, network, emit, *, renderer=None, write_lora=None):
-        self.cfg, self.model, self.network, self.emit = cfg, model, network, emit
-        self.renderer, self.write_lora = renderer, write_lora
-        self.specs = None
-        if cfg.sample_prompts:
-            from ..sampling.pipeline import sampler_key
-            from ..sampling.prompts import read_prompt_file
-            sampler_key(cfg.sample_sampler)          # an unknown sampler fails now, not after an epoch
-            self.specs = read_prompt_file(cfg.sample_prompts)
-
-    def due_step(self, step: int) -> bool:
-        n = self.cfg.sample_every_n_steps
-        return bool(self.specs) and not self.cfg.sample_every_n_epochs and bool(n) and step % n == 0
-
-    def due_epoch(self, epoch: int, is_last: bool) -> bool:
-        n = self.cfg.sample_every_n_epochs
-        return bool(self.specs) and bool(n) and (epoch % n == 0 or is_last)
-
-    def make(self, epoch: int, step: int) -> None:
-        if not self.specs:
-            return
-        from ..sampling.grid import save_png_with_text
-        from ..sampling.pipeline import generate
-        folder = os.path.join(self.cfg.output_dir, "sample")
-        images = self._host_images(folder, epoch, step) if self.renderer is not None else None
-        if images is None:
-            images = generate(self.model, self.specs, clip_skip=self.cfg.clip_skip,
-                              device=self.model.unet.device, default_sampler=self.cfg.sample_sampler,
-                              eval_modules=[self.network])
-        stamp = time.strftime("%Y%m%d%H%M%S")
-        tag = f"e{epoch:06d}" if self.cfg.sample_every_n_epochs or step == 0 else f"{step:06d}"
-        paths = []
-        for i, (img, spec) in enumerate(zip(images, self.specs)):
-            seed = img.info.get("seed", spec.seed)
-            path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{i:02d}_{stamp}_{seed}.png")
-            save_png_with_text(img, path, {"parameters": img.info.get("parameters", spec.prompt)})
-            paths.append(path)
-        self.emit(Event(SAMPLE, {"paths": paths, "epoch": epoch, "step": step}))
-
-    def _host_images(self, folder: str, epoch: int, step: int):
-        """The host's renderer on the network saved as it is now; None (and a warning) when it fails: a preview
-        never fails a run. The file is temporary; the host's LoRA loader finds it by its name."""
-        path = os.path.join(folder, f".preview-{self.cfg.output_name}.safetensors")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            self.write_lora(path, epoch, step)
-            specs = [dataclasses.replace(s, sampler=s.sampler or self.cfg.sample_sampler) for s in self.specs]
-            images = list(self.renderer(path, specs, 1.0))
-            if len(images) != len(specs):
-                raise RuntimeError(f"{len(images)} images for {len(specs)} prompts")
-            return images
-        except Exception as exc:  # noqa: BLE001 - any failure: the built-in sampler instead
-            self.emit(Event(WARNING, {"message": f"previews: the host's pipeline failed ({type(exc).__name__}: "
-                                                 f"{exc}); made with the built-in sampler instead"}))
-            return None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)

@@ -208,3 +208,27 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str = "
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type != "epsilon":
         raise ConfigError(f"unknown prediction type '{prediction_type}' (expected {' or '.join(PREDICTION_TYPES)})")
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so the last timestep has zero signal (ᾱ_T = 0) while ᾱ_0 is unchanged (Lin et al. 2023,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1; sd-scripts' zero_terminal_snr).
+    Computed in float64."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))   # shift to 0 at T, keep the start
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1.0 - alphas).to(betas.dtype)
+
+
+def with_zero_terminal_snr(scheduler: Any) -> Any:
+    """A copy of a DDPM-style noise scheduler on the zero-terminal-SNR schedule (the original is left as it is,
+    since a host may still sample with it)."""
+    import copy
+    out = copy.deepcopy(scheduler)
+    betas = zero_terminal_snr_betas(scheduler.betas.to(torch.float32))
+    out.betas = betas
+    out.alphas = 1.0 - betas
+    out.alphas_cumprod = torch.cumprod(out.alphas, dim=0)
+    return out
