@@ -232,10 +232,14 @@ def test_a_webui_run_makes_its_previews_with_the_webui_and_leaves_the_model_bit_
     before = snapshot(ns.shared.sd_model)
     job = jobs.submit("toy", {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2, "network_dim": 4,
                               "network_alpha": 2, "learning_rate": 1e-3, "seed": 1, "cache_latents": True,
-                              "sample_prompts": prompts, "sample_every_n_epochs": 1})
+                              "sample_prompts": prompts, "sample_every_n_epochs": 1,
+                              "sample_weight": 0.7, "clip_skip": 2})
     job = jobs.wait(job.id, timeout=120)
     assert job.status == "done", job.error
-    assert [p.prompt for p in w.processing.calls] == ["zkz <lora:.preview-toy:1>"]
+    # the run's preview settings, not the WebUI's: the LoRA at sample_weight, the run's clip skip
+    assert [p.prompt for p in w.processing.calls] == ["zkz <lora:.preview-toy:0.7>"]
+    assert w.processing.calls[0].override_settings == {"CLIP_stop_at_last_layers": 2}
+    assert w.processing.calls[0].override_settings_restore_afterwards is True
     assert (w.processing.calls[0].sampler_name, w.processing.calls[0].scheduler) == ("DPM++ 2M", "Karras")
     paths = [p for s in job.samples for p in s["paths"]]
     assert len(paths) == 1 and os.path.exists(paths[0])
@@ -243,3 +247,14 @@ def test_a_webui_run_makes_its_previews_with_the_webui_and_leaves_the_model_bit_
         assert "Schedule type: Karras" in im.info["parameters"]
     assert same_as(ns.shared.sd_model, before) == [] and ns.networks.loaded_networks == []
     assert not any(n.startswith(".preview") for n in os.listdir(os.path.join(host.lora_dir(), "toy", "sample")))
+
+
+def test_preview_settings_are_checked_with_the_config():
+    from lib_lora_train.errors import ConfigError
+
+    cfg = config_from_dict({"sample_weight": "0.5", "sample_clip_skip": "2"})
+    assert (cfg.sample_weight, cfg.sample_clip_skip) == (0.5, 2)
+    assert config_from_dict({}).sample_weight == 1.0 and config_from_dict({}).sample_clip_skip is None
+    for bad in ({"sample_weight": 9}, {"sample_weight": float("nan")}, {"sample_clip_skip": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            config_from_dict(bad)

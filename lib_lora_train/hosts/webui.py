@@ -180,6 +180,7 @@ class WebUIHost:
         lock = self.webui.call_queue.queue_lock
         lock.acquire()      # generations wait until the run is over (and a run waits for a generation)
         session = _Session()
+        session.cfg = cfg
         with self._lock:
             self._session = session
         state = shared.state
@@ -324,9 +325,12 @@ class WebUIHost:
 
     @property
     def preview_renderer(self):
-        """Training previews made by the WebUI's own txt2img pipeline (the jobs pass it to the engine)."""
+        """Training previews made by the WebUI's own txt2img pipeline (the jobs pass it to the engine), with the
+        run's preview clip skip (sample_clip_skip, else its clip_skip, else 1) instead of the WebUI's setting."""
         from .webui_previews import make_preview_renderer
-        return make_preview_renderer(self.webui, self._clear_networks)
+        cfg = getattr(self._session, "cfg", None)
+        clip_skip = None if cfg is None else (getattr(cfg, "sample_clip_skip", None) or cfg.clip_skip or 1)
+        return make_preview_renderer(self.webui, self._clear_networks, clip_skip=clip_skip)
 
     def sampler_names(self) -> list:
         from .webui_xyz_runtime import sampler_names

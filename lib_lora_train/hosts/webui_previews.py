@@ -61,11 +61,12 @@ def _forget(nets: Any, stem: str, path: str) -> None:
                 entries.pop(key, None)
 
 
-def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | None = None
-                          ) -> Callable[[str, Sequence[Any], float], list]:
+def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | None = None, *,
+                          clip_skip: int | None = None) -> Callable[[str, Sequence[Any], float], list]:
     """renderer(lora_path, specs, weight) -> one PIL image per PromptSpec, made by the WebUI's process_images
     with `<lora:STEM:weight>` added to each prompt. `clear_networks(sd_model)` puts the original weights back
-    (default: WebUIHost._clear_networks)."""
+    (default: WebUIHost._clear_networks). `clip_skip`: the run's (sample_clip_skip or clip_skip), set for the
+    previews only through the WebUI's override_settings; None leaves the WebUI's setting."""
     if clear_networks is None:
         from .webui import WebUIHost
         clear_networks = WebUIHost(webui)._clear_networks
@@ -90,7 +91,7 @@ def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | Non
         images = []
         try:
             for spec in specs:
-                images.append(_one(processing, sd_model, spec, stem, weight))
+                images.append(_one(processing, sd_model, spec, stem, weight, clip_skip))
                 loaded = [getattr(n, "name", n) for n in getattr(nets, "loaded_networks", [])]
                 if stem not in loaded:
                     raise ModelError(f"the WebUI's Lora extension did not load {lora_path} (is it inside the "
@@ -107,7 +108,7 @@ def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | Non
     return render
 
 
-def _one(processing: Any, sd_model: Any, spec: Any, stem: str, weight: float) -> Any:
+def _one(processing: Any, sd_model: Any, spec: Any, stem: str, weight: float, clip_skip: int | None = None) -> Any:
     sampler, scheduler = webui_sampler(spec.sampler, processing)
     width, height = spec.size()
     kw = dict(sd_model=sd_model, prompt=f"{spec.prompt} <lora:{stem}:{weight:g}>",
@@ -117,6 +118,9 @@ def _one(processing: Any, sd_model: Any, spec: Any, stem: str, weight: float) ->
               do_not_reload_embeddings=True)
     if scheduler:
         kw["scheduler"] = scheduler
+    if clip_skip:
+        kw.update(override_settings={"CLIP_stop_at_last_layers": int(clip_skip)},
+                  override_settings_restore_afterwards=True)
     p = processing.StableDiffusionProcessingTxt2Img(**kw)
     try:
         processed = processing.process_images(p)

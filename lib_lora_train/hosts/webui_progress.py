@@ -30,6 +30,7 @@ class _Session:
 
     def __init__(self):
         self.task: Optional[str] = None
+        self.cfg: Any = None              # the run's TrainConfig (the previews read their settings from it)
         self._closed = threading.Event()
         self._watcher: Optional[threading.Thread] = None
 
