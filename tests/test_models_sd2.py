@@ -63,10 +63,41 @@ def test_v_prediction_from_the_marker_or_the_override(tmp_path, sd):
             "v_prediction", "sd_v2_v", 768)
         assert info.architecture == "stable-diffusion-v2-768-v/lora"
         assert m.noise_scheduler.config.prediction_type == "v_prediction" and m.unet.config.sample_size == 96
+    assert marked.info.extra["prediction_source"] == "marker"
     path = write_tiny_checkpoint(tmp_path / "v.safetensors", seed=0, family="sd2", v_pred=True)
     assert detect_checkpoint(path) == ("sd2", "v_prediction")
     assert detect_checkpoint(write_tiny_checkpoint(tmp_path / "e.safetensors", family="sd2")) == ("sd2", "epsilon")
     assert load_sd_model(path).info.prediction_type == "v_prediction"
+
+
+def test_v_prediction_probe_for_unmarked_full_size_files(sd, monkeypatch):
+    from types import SimpleNamespace
+
+    from lib_lora_train.models import loader
+
+    class FakeUNet(torch.nn.Module):   # a stand-in with the output a v / epsilon model gives at t = 999
+        def __init__(self, shift):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.shift = shift
+            self.config = SimpleNamespace(in_channels=4, cross_attention_dim=1024)
+
+        def forward(self, x, t, encoder_hidden_states):
+            assert int(t) == 999 and encoder_hidden_states.shape == (1, 2, 1024)
+            return SimpleNamespace(sample=x + self.shift)
+
+    assert loader.sd2_v_prediction_probe(FakeUNet(-1.5)) is True
+    assert loader.sd2_v_prediction_probe(FakeUNet(0.1)) is False
+    sd2_21 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024, in_channels=4)
+    assert loader.is_a1111_sd2_unet(sd2_21) and not loader.is_a1111_sd2_unet({**sd2_21, "cross_attention_dim": 768})
+    assert load_sd_model(sd).info.extra["prediction_source"] == "default"   # tiny shapes: no probe
+    monkeypatch.setattr(loader, "is_a1111_sd2_unet", lambda cfg: True)
+    monkeypatch.setattr(loader, "sd2_v_prediction_probe", lambda unet: True)
+    probed = load_sd_model(sd)
+    assert (probed.info.prediction_type, probed.info.extra["prediction_source"], probed.info.native_resolution,
+            probed.unet.config.sample_size) == ("v_prediction", "probe", 768, 96)
+    told = load_sd_model(sd, overrides={"prediction_type": "epsilon"})   # an explicit setting is not second-guessed
+    assert (told.info.prediction_type, told.info.extra["prediction_source"]) == ("epsilon", "override")
 
 
 def test_modules_share_the_given_tensors_including_qkv_views(sd, model):

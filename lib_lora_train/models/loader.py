@@ -59,8 +59,9 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
 
     family = detect_family(sd)
     parts = require_complete(split_ldm(sd), family)
-    if "prediction_type" not in ov and marked_v_prediction(sd):
-        ov["prediction_type"] = "v_prediction"
+    prediction_source = "override" if "prediction_type" in ov else None
+    if prediction_source is None and marked_v_prediction(sd):
+        ov["prediction_type"], prediction_source = "v_prediction", "marker"
     unet_sd = unet_ldm_to_diffusers(parts.unet)
     vae_sd = vae_ldm_to_diffusers(parts.vae)
     te_sd, te2_sd = parts.text_encoder, None
@@ -76,6 +77,12 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
 
     unet, vae, text_encoder = build_sd1_modules(arch, unet_sd, vae_sd, te_sd, device, dtype)
     text_encoder_2 = build_text_encoder_2(arch, te2_sd, device, dtype) if te2_sd is not None else None
+    if prediction_source is None and family == "sd2" and is_a1111_sd2_unet(arch.unet):
+        # SD 2.x 768-v files carry no marker: the WebUI tells them apart by how the UNet behaves
+        if sd2_v_prediction_probe(unet):
+            arch.prediction_type, prediction_source = "v_prediction", "probe"
+            unet.register_to_config(sample_size=NATIVE_RESOLUTION["sd2_v"] // 8)
+    prediction_source = prediction_source or "default"
     scheduler, schedule_source = sd1_noise_scheduler(arch.prediction_type, parts.other)
 
     v_pred = arch.prediction_type == "v_prediction"
@@ -87,7 +94,7 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
                      name=name or (path.name if path else "model"),
                      path=str(path) if path else None,
                      legacy_hash=legacy_hash(path) if path else None)
-    info.extra.update(schedule=schedule_source, ema_keys_ignored=len(parts.ema),
+    info.extra.update(schedule=schedule_source, ema_keys_ignored=len(parts.ema), prediction_source=prediction_source,
                       ldm_extra_keys=sorted(parts.other),
                       te_layout="legacy" if parts.legacy_te_layout else "text_model",
                       configs={"unet": arch.unet, "vae": arch.vae, "text": arch.text,
@@ -96,6 +103,26 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
     return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                    noise_scheduler=scheduler, info=info, text_encoder_2=text_encoder_2,
                    tokenizer_2=open_clip_tokenizer() if family == "sdxl" else None)
+
+
+A1111_SD2_CHANNELS = (320, 640, 1280, 1280)   # the one SD 2.x UNet shape the WebUI's probe is made for
+
+
+def is_a1111_sd2_unet(unet_config: Mapping[str, Any]) -> bool:
+    return (tuple(unet_config["block_out_channels"]) == A1111_SD2_CHANNELS
+            and unet_config["cross_attention_dim"] == 1024 and unet_config["in_channels"] == 4)
+
+
+def sd2_v_prediction_probe(unet) -> bool:
+    """The WebUI's test for SD 2.x v-prediction (sd_models_config.is_using_v_parameterization_for_sd2): at
+    t = 999 with a constant latent and a constant context, a v model's output sits far below its input (mean
+    difference < -1), an epsilon model's does not. One forward pass on an 8x8 latent."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
+    return float((out.float() - x.float()).mean()) < -1.0
 
 
 def ensure_hashes(info: ModelInfo) -> ModelInfo:
