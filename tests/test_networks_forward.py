@@ -7,6 +7,7 @@ import torch
 from lib_lora_train.errors import ConfigError
 from lib_lora_train.networks import apply_deltas, create_network, module_delta, network_config_from_args
 from lib_lora_train.networks.delta import split_by_module
+from numerics import assert_within, merged_reference
 from tiny_diffusers import one_thread, run_te, run_unet, te_inputs, tiny_text_encoder, tiny_unet, unet_inputs
 
 
@@ -104,11 +105,33 @@ def test_hooked_forward_equals_saved_file_merged(models, case):
 
 @pytest.mark.parametrize("case", ["lora", "loha"])
 def test_float32_forward_equals_merged(case):
-    models = build(torch.float32)
+    """In float32 the hooked network and the merged file both land within float32 rounding of the exact result.
+
+    The exact result is the float64 base model merged with the file's tensors; the allowed distance is derived
+    from float32's roundoff and this model's conditioning (tests/numerics.py), so it holds on any CPU. The
+    latents are 16x16: at 8x8 the lowest UNet level is 1x1, where GroupNorm subtracts nearly equal numbers and
+    amplifies rounding ~300-fold (a property of the tiny test model, not of the network code).
+    """
+    unet, te = tiny_unet(), tiny_text_encoder()
+    g = torch.Generator().manual_seed(1)
+    ui = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=g))
+    ti = te_inputs()
+    models = (unet, te, ui, ti)
     net = randomise(make(models, *CASES[case]), std=0.05)
+    tensors = net.save_tensors()
     hooked = hooked_outputs(net, models)
-    for a, b in zip(hooked, merged_outputs(net.save_tensors(), models)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    merged = merged_outputs(tensors, models)
+
+    def run(u, t):
+        dt = next(u.parameters()).dtype
+        return run_unet(u, tuple(x.to(dt) if x.is_floating_point() else x for x in ui)), run_te(t, ti)
+
+    refs, bounds = merged_reference(run, unet, te, tensors)
+    base = run(unet, te)
+    for what, h, m, ref, bound, b in zip(("unet", "text encoder"), hooked, merged, refs, bounds, base):
+        assert float((ref - b.double()).abs().max()) > 10 * bound, f"the {case} network changes the {what}"
+        assert_within(h, ref, bound, f"{case} hooked {what}")
+        assert_within(m, ref, bound, f"{case} merged {what}")
 
 
 @pytest.mark.parametrize("case", ["lora", "locon", "loha", "lokr", "ia3", "dylora"])
