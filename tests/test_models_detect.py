@@ -32,6 +32,8 @@ def _cases():
         "pix2pix": (tiny_sd1_state_dict(seed=0, in_channels=8, **SMALL), "instruct-pix2pix"),
         "sdxl-inpainting": ({**xl, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)},
                             "inpainting"),
+        "unclip": ({**sd1, "embedder.model.ln_final.weight": torch.zeros(1024)}, "unCLIP"),
+        "depth": ({**sd1, "depth_model.model.pretrained.act_postprocess3.0.project.0.bias": z}, "depth"),
         "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": z}, "LoRA"),
         "lycoris": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a": z}, "LoRA"),
         "diffusers": (ldm_to_diffusers(sd1)[0], "diffusers"),
@@ -48,7 +50,7 @@ def cases():
 
 
 @pytest.mark.parametrize("kind", ["refiner", "sd3", "flux", "flux-prefixed", "inpainting", "pix2pix",
-                                  "sdxl-inpainting", "lora", "lycoris", "diffusers", "unknown", "unet-only",
+                                  "sdxl-inpainting", "unclip", "depth", "lora", "lycoris", "diffusers", "unknown", "unet-only",
                                   "sdxl-half"])
 def test_refusals_say_what_the_file_is_and_what_is_supported(cases, kind):
     sd, what = cases[kind]

@@ -63,6 +63,10 @@ def detect_family(sd: Mapping[str, Any]) -> str:
         raise _refuse("this is a Stable Diffusion 3 checkpoint (MMDiT joint_blocks), which is not supported")
     if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
         raise _refuse("this is a FLUX checkpoint (double_blocks), which is not supported")
+    if any(k.startswith("embedder.model.") for k in keys):
+        raise _refuse("this is a Stable Diffusion 2.x unCLIP (image variation) checkpoint, which is not supported")
+    if any(k.startswith("depth_model.") for k in keys):
+        raise _refuse("this is a Stable Diffusion 2.x depth-to-image checkpoint, which is not supported")
     has_unet = (UNET_PREFIX + "input_blocks.0.0.weight") in sd
     if not has_unet and any(k.startswith(_DIFFUSERS_PREFIXES) for k in keys):
         raise _refuse("the keys are in the diffusers folder layout (down_blocks.* / text_model.*); load the model "
