@@ -176,3 +176,100 @@ def test_8bit_optimizers_say_clearly_that_bitsandbytes_is_missing(name):
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ConfigError, match="bitsandbytes"):
         make_optimizer(name, [{"params": [p]}], 1e-3)
+
+
+# ---------------------------------------------------------------- text-encoder output cache
+
+def _sdxl_data(root, n=2):
+    from PIL import Image
+    folder = root / "data" / "1_zkz"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(9)
+    for i in range(n):
+        arr = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zkz, thing {i}", encoding="utf-8")
+
+
+def test_cached_text_encoder_outputs_give_the_same_training_as_uncached(tmp_path):
+    from lib_lora_train.events import LOG, STEP
+    from lib_lora_train.models import write_tiny_checkpoint
+    from lib_lora_train.training.loop import train
+    from safetensors.torch import load_file
+    ckpt = str(tmp_path / "xl.safetensors")
+    write_tiny_checkpoint(ckpt, seed=0, family="sdxl")
+    _sdxl_data(tmp_path)
+    runs = []
+    for name, extra in (("plain", {}), ("cached", {"cache_text_encoder_outputs": True}),
+                        ("disk", {"cache_text_encoder_outputs_to_disk": True}),
+                        ("disk2", {"cache_text_encoder_outputs_to_disk": True})):
+        events = []
+        cfg = config_from_dict(dict(
+            pretrained_model_name_or_path=ckpt, train_data_dir=str(tmp_path / "data"),
+            output_dir=str(tmp_path / "out"), output_name=name, resolution="64", network_dim=4, network_alpha=4,
+            learning_rate=1e-2, max_train_steps=3, train_batch_size=2, seed=3, cache_latents=True, device="cpu",
+            network_train_unet_only=True, latents_cache_dir=str(tmp_path / "cache"), **extra))
+        train(cfg, sink=events.append)
+        losses = [e.data["loss"] for e in events if e.kind == STEP]
+        logs = [e.data["message"] for e in events if e.kind == LOG]
+        runs.append((losses, load_file(str(tmp_path / "out" / f"{name}.safetensors")), logs))
+    (plain, t_plain, _), (cached, t_cached, logs) = runs[0], runs[1]
+    assert any("text-encoder outputs cached: 2 encoded" in m for m in logs)
+    assert any("2 read from disk" in m for m in runs[3][2])        # the second disk run reuses the files
+    assert len(list((tmp_path / "cache").glob("*_te.safetensors"))) == 2
+    # the cache encodes both captions in one batch, training encodes them per batch of 2: float32 rounding
+    # may differ in the last bits, nothing more
+    tol = 64 * torch.finfo(torch.float32).eps
+    for losses, tensors, _ in runs[1:]:
+        assert losses == pytest.approx(plain, rel=tol, abs=tol)
+        for k, v in t_plain.items():
+            assert torch.allclose(tensors[k], v, rtol=1e-4, atol=1e-6), k
+
+
+def test_text_encoder_cache_keys_follow_caption_and_model(tmp_path):
+    from lib_lora_train.models import load_sd_model, tiny_sdxl_state_dict
+    from lib_lora_train.training.te_cache import TextSource
+    model = load_sd_model(tiny_sdxl_state_dict(seed=0))
+    src = TextSource(model, clip_skip=None, max_token_length=None, device="cpu", cache_dir=str(tmp_path))
+    src.prepare(["a cat", "a dog", "a cat"])
+    assert src.encoded == 2
+    again = TextSource(model, clip_skip=None, max_token_length=None, device="cpu", cache_dir=str(tmp_path))
+    again.prepare(["a cat", "a dog", "a bird"])
+    assert (again.disk_hits, again.encoded) == (2, 1)            # a new caption is encoded, never guessed
+    out = again.encode(["a dog", "a cat"])
+    fresh = src._fresh(["a dog", "a cat"])
+    assert out.pooled is not None and out.hidden.shape == fresh.hidden.shape
+    assert torch.allclose(out.hidden, fresh.hidden, rtol=0, atol=64 * torch.finfo(torch.float32).eps * 10)
+    other = load_sd_model(tiny_sdxl_state_dict(seed=1))           # another model: nothing is reused
+    third = TextSource(other, clip_skip=None, max_token_length=None, device="cpu", cache_dir=str(tmp_path))
+    third.prepare(["a cat"])
+    assert (third.disk_hits, third.encoded) == (0, 1)
+    skip = TextSource(model, clip_skip=2, max_token_length=None, device="cpu", cache_dir=str(tmp_path))
+    skip.prepare(["a cat"])
+    assert skip.encoded == 1
+
+
+def test_text_encoder_cache_refused_where_captions_change(tmp_path):
+    from types import SimpleNamespace
+    from lib_lora_train.training.te_cache import uncacheable_reasons
+    base = dict(shuffle_caption=False, token_warmup_step=0, caption_tag_dropout_rate=0.0, caption_dropout_rate=0.0,
+                caption_dropout_every_n_epochs=0, enable_wildcard=False, image_dir="/x/5_a")
+    assert uncacheable_reasons([SimpleNamespace(**base)]) == []
+    for key, value in (("shuffle_caption", True), ("token_warmup_step", 10), ("caption_tag_dropout_rate", 0.1),
+                       ("caption_dropout_rate", 0.1), ("caption_dropout_every_n_epochs", 2),
+                       ("enable_wildcard", True)):
+        assert uncacheable_reasons([SimpleNamespace(**{**base, key: value})]) == [f"5_a: {key}"]
+    # a dataset_config subset that shuffles is refused when the run starts
+    from lib_lora_train.models import write_tiny_checkpoint
+    from lib_lora_train.training.loop import train
+    _sdxl_data(tmp_path)
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data" / "1_zkz"}"'
+                    f'\nshuffle_caption = true\n', encoding="utf-8")
+    ckpt = str(tmp_path / "sd1.safetensors")
+    write_tiny_checkpoint(ckpt, seed=0)
+    cfg = config_from_dict(dict(pretrained_model_name_or_path=ckpt, dataset_config=str(toml), device="cpu",
+                                output_dir=str(tmp_path / "o"), network_train_unet_only=True,
+                                cache_text_encoder_outputs=True, max_train_steps=1))
+    with pytest.raises(ConfigError, match="1_zkz: shuffle_caption"):
+        train(cfg)

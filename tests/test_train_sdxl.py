@@ -18,7 +18,7 @@ from lib_lora_train.training.loop import train
 @pytest.fixture(scope="module")
 def sdxl_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("sdxl") / "tiny_sdxl.safetensors"
-    write_tiny_checkpoint(str(path), seed=0, family="sdxl", vae_channels=(32, 32, 32, 32))
+    write_tiny_checkpoint(str(path), seed=0, family="sdxl")   # its VAE has 3 levels: 4 px per latent cell
     return str(path)
 
 

@@ -58,12 +58,13 @@ def _size_tensor(item) -> torch.Tensor:
 
 class LatentCache:
     def __init__(self, encode_fn: EncodeFn, vae_id: str, *, cache_dir: str | None = None,
-                 batch_size: int = 1, family: str = "sd") -> None:
+                 batch_size: int = 1, family: str = "sd", downscale: int = 8) -> None:
         if batch_size < 1:
             raise DataError(f"vae_batch_size must be at least 1, got {batch_size}")
         self.encode_fn = encode_fn
         self.vae_id = str(vae_id)
         self.family = str(family)
+        self.downscale = int(downscale)      # pixels per latent cell
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
         self.batch_size = int(batch_size)
         self.stats = CacheStats()
@@ -81,7 +82,7 @@ class LatentCache:
         return os.path.join(self.cache_dir, self.cache_name(item)) if self.cache_dir else None
 
     def _expected_shape(self, item) -> tuple[int, int]:
-        return item.bucket[1] // 8, item.bucket[0] // 8
+        return item.bucket[1] // self.downscale, item.bucket[0] // self.downscale
 
     def _load_disk(self, item, want_flip: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         path = self._disk_path(item)

@@ -94,3 +94,8 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point() and p.dtype not in fp8:
             return p.dtype
     return torch.float32
+
+
+def vae_scale_factor(model) -> int:
+    """Pixels per latent cell (8 for every real SD model; tiny test models may have fewer VAE levels)."""
+    return 2 ** (len(model.vae.config.block_out_channels) - 1)

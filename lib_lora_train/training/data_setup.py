@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..dataset import (LatentCache, TrainingData, datasets_from_config_file, datasets_from_folders,
                        load_item_tensor, plan_steps_for_data, process_caption, random_crop_offsets)
 from ..errors import ConfigError, DataError
+from ..models.conditioning import vae_scale_factor
 from ..events import LOG, WARNING, Event
 
 # TrainConfig fields that are dataset options under the same sd-scripts names.
@@ -121,7 +122,8 @@ class LatentSource:
             if cfg.cache_latents_to_disk:
                 cache_dir = cfg.latents_cache_dir or os.path.join(cfg.output_dir, ".latents")
             self.cache = LatentCache(self.encode, vae_identity(model), cache_dir=cache_dir,
-                                     batch_size=cfg.vae_batch_size, family=model.info.family)
+                                     batch_size=cfg.vae_batch_size, family=model.info.family,
+                                     downscale=vae_scale_factor(model))
 
             def progress(done: int, total: int) -> None:
                 if emit is not None and (done == total or done % 16 == 0):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..models.conditioning import SizeInfo, compute_dtype, effective_clip_skip, unet_inputs
+from ..models.conditioning import SizeInfo, compute_dtype, effective_clip_skip, unet_inputs, vae_scale_factor
 from .noise import compute_loss, target_for
 
 VALIDATION_TIMESTEPS = 4          # as sd-scripts (its NUM_VALIDATION_TIMESTEPS)
@@ -58,7 +58,8 @@ def fixed_denoising_loss(model, latents: torch.Tensor, captions: list[str], *, s
         ts = torch.tensor([t for _, t, _ in chunk], device=device, dtype=torch.long)
         cond = encode_text(model, [captions[i] for i, _, _ in chunk], clip_skip=clip_skip, device=device)
         noisy = sched.add_noise(lat, noise, ts)
-        sizes = [SizeInfo.uncropped(lat.shape[2] * 8, lat.shape[3] * 8)] * len(chunk)
+        f = vae_scale_factor(model)
+        sizes = [SizeInfo.uncropped(lat.shape[2] * f, lat.shape[3] * f)] * len(chunk)
         pred = model.unet(noisy.to(dtype), ts, **unet_inputs(model, cond, sizes, dtype)).sample
         target = target_for(sched, lat, noise, ts, model.info.prediction_type)
         loss = compute_loss(pred.float(), target.float())
@@ -79,7 +80,7 @@ class EvalItem:
     size: SizeInfo | None = None
 
     def size_info(self) -> SizeInfo:
-        return self.size or SizeInfo.uncropped(self.latent.shape[1] * 8, self.latent.shape[2] * 8)
+        return self.size or SizeInfo.uncropped(self.latent.shape[1] * 8, self.latent.shape[2] * 8)   # real VAEs: 8
 
 
 def validation_timesteps(num_train_timesteps: int, min_timestep: int | None = None,
