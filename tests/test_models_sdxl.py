@@ -232,6 +232,16 @@ def test_module_names_both_ways_on_a_tiny_sdxl_unet(model):
     assert names["add_embedding.linear_1"] == "label_emb.0.0"
 
 
+def test_a_partial_unet_key_set_is_refused_not_misnumbered(model):
+    from lib_lora_train.errors import ModelError
+    from lib_lora_train.models.convert import unet_diffusers_to_ldm
+
+    attn_only = {n + ".weight": n for n, m in model.unet.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "attentions" in n}
+    with pytest.raises(ModelError, match="not a whole UNet"):
+        unet_diffusers_to_ldm(attn_only)
+
+
 def test_module_names_both_ways_on_full_size_sdxl(full_size):
     unet, _ = full_size
     names = _check_module_map(unet)

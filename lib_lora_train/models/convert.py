@@ -245,7 +245,30 @@ def _res_attn(ldm_block: str, kinds: dict[int, str], diff_block: str, j: int) ->
     return mods
 
 
+def _require_whole_unet(keys) -> None:
+    """The ldm block numbers count every resnet, attention and sampler before a module, so a partial key set
+    (e.g. only the attention layers a LoRA adapts) would be numbered wrongly: refuse it instead."""
+    problems = []
+    for side, sampler in (("down_blocks", "downsamplers"), ("up_blocks", "upsamplers")):
+        levels = _indices(keys, side + r"\.(\d+)\.")
+        if levels != list(range(len(levels))):
+            problems.append(f"{side} {levels} are not 0..n")
+        for level in levels:
+            blk = re.escape(f"{side}.{level}")
+            res = _indices(keys, blk + r"\.resnets\.(\d+)\.")
+            attn = _indices(keys, blk + r"\.attentions\.(\d+)\.")
+            if not res or res != list(range(len(res))) or not set(attn) <= set(res):
+                problems.append(f"{side}.{level} resnets {res} / attentions {attn}")
+            has_sampler = any(k.startswith(f"{side}.{level}.{sampler}.0.") for k in keys)
+            if level != levels[-1] and not has_sampler:
+                problems.append(f"{side}.{level} has no {sampler}")
+    if problems:
+        raise ModelError("the diffusers UNet keys are not a whole UNet (" + "; ".join(problems[:3]) + "); convert "
+                         "all of unet.state_dict()'s keys, or use unet_module_names(unet)")
+
+
 def _unet_modules_from_diffusers(keys) -> list[_Module]:
+    _require_whole_unet(keys)
     mods = list(_UNET_TOP)
     i = 1
     for level in _indices(keys, r"down_blocks\.(\d+)\."):
