@@ -155,6 +155,18 @@ def test_tokenizer_pads_with_zero_and_chunks_like_sd_scripts(model):
     assert cond.hidden.shape == (1, 227, 32) and cond.pooled is None
 
 
+def test_an_empty_piece_keeps_its_eos_state_as_in_sd_scripts(model):
+    # sd-scripts' v2 "empty piece" fix-up compares a token id with the string "<|endoftext|>", which is never
+    # equal, so the EOS state of an empty piece stays where it is; the same here
+    ids = tokenize(model, ["cat"], max_token_length=150)
+    assert ids[0, 1, 1] == EOS
+    joined = encode_text(model, ["cat"], max_token_length=150).hidden
+    per_piece = model.text_encoder(ids[0])[0]   # [2 pieces, 77, C]
+    tol = 1e-6 * float(per_piece.abs().max())
+    assert torch.allclose(joined[0, 76], per_piece[1, 1], atol=tol, rtol=0)
+    assert not torch.allclose(joined[0, 76], per_piece[1, 2], atol=tol, rtol=0)
+
+
 def test_clip_skip_is_checked_against_the_converted_layer_count(model):
     with pytest.raises(ConfigError, match="from 1 to 2"):
         encode_text(model, ["a cat"], clip_skip=3)
