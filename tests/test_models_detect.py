@@ -50,8 +50,8 @@ def cases():
 
 
 @pytest.mark.parametrize("kind", ["refiner", "sd3", "flux", "flux-prefixed", "inpainting", "pix2pix",
-                                  "sdxl-inpainting", "unclip", "depth", "lora", "lycoris", "diffusers", "unknown", "unet-only",
-                                  "sdxl-half"])
+                                  "sdxl-inpainting", "unclip", "depth", "lora", "lycoris", "diffusers", "unknown",
+                                  "unet-only", "sdxl-half"])
 def test_refusals_say_what_the_file_is_and_what_is_supported(cases, kind):
     sd, what = cases[kind]
     with pytest.raises(ModelError) as err:

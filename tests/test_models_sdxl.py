@@ -10,13 +10,13 @@ import torch
 from lib_lora_train.errors import ConfigError
 from lib_lora_train.models import (diffusers_to_ldm, encode_text, load_sd_model, split_ldm, tiny_sdxl_state_dict,
                                    tokenize_all, write_tiny_checkpoint)
-from lib_lora_train.models.convert import (SDXL_TE2_PREFIX, UNET_PREFIX, require_complete, unet_ldm_to_diffusers,
-                                           unet_module_names, vae_ldm_to_diffusers)
+from lib_lora_train.models.convert import (UNET_PREFIX, require_complete, unet_ldm_to_diffusers, unet_module_names,
+                                           vae_ldm_to_diffusers)
 from lib_lora_train.models.detect import detect_checkpoint, detect_family
 from lib_lora_train.models.infer import sd1_architecture
 from lib_lora_train.models.openclip import openclip_to_transformers
 from lib_lora_train.models.text import SDXL_CLIP_SKIP_NOTE, encode_text_tokens
-from openclip_reference import layer_norm, openclip_text
+from openclip_reference import openclip_text
 
 BOS, EOS = 49406, 49407
 TE2 = "conditioner.embedders.1.model."
@@ -171,7 +171,8 @@ def test_full_size_sgm_names_and_inferred_config(full_size):
     assert all(t.is_meta for t in sd.values())
     expect = {"label_emb.0.0.weight": (1280, 2816), "label_emb.0.2.weight": (1280, 1280),
               "time_embed.0.weight": (1280, 320), "input_blocks.3.0.op.weight": (320, 320, 3, 3),
-              "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1), "input_blocks.4.1.proj_in.weight": (640, 640),
+              "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+              "input_blocks.4.1.proj_in.weight": (640, 640),
               "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
               "input_blocks.8.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
               "middle_block.1.transformer_blocks.9.attn1.to_out.0.weight": (1280, 1280),
@@ -245,8 +246,10 @@ def test_a_partial_unet_key_set_is_refused_not_misnumbered(model):
 def test_module_names_both_ways_on_full_size_sdxl(full_size):
     unet, _ = full_size
     names = _check_module_map(unet)
-    expect = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
-              "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj": "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj",
+    expect = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+              "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+              "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj":
+              "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj",
               "down_blocks.1.resnets.0.conv1": "input_blocks.4.0.in_layers.2",
               "down_blocks.1.resnets.0.time_emb_proj": "input_blocks.4.0.emb_layers.1",
               "down_blocks.1.resnets.0.conv2": "input_blocks.4.0.out_layers.3",
@@ -257,7 +260,8 @@ def test_module_names_both_ways_on_full_size_sdxl(full_size):
               "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
               "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
               "up_blocks.2.resnets.2.conv_shortcut": "output_blocks.8.0.skip_connection",
-              "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v": "output_blocks.2.1.transformer_blocks.9.attn2.to_v",
+              "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v":
+              "output_blocks.2.1.transformer_blocks.9.attn2.to_v",
               "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
               "conv_in": "input_blocks.0.0", "conv_out": "out.2"}

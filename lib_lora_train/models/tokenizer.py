@@ -1,4 +1,5 @@
-"""The CLIP tokenizers (SD1 / SDXL te1 pad with EOS; SD2 / SDXL te2 with "!"), built offline from the BPE merges file that open_clip / openai-clip ship.
+"""The CLIP tokenizers (SD1 / SDXL te1 pad with EOS; SD2 / SDXL te2 with "!"), built offline from the BPE
+merges file that open_clip / openai-clip ship.
 
 The vocabulary is derived from the merges exactly as CLIP defines it, written as vocab.json + merges.txt into a
 cache folder, and loaded with `CLIPTokenizer.from_pretrained(folder)` (on transformers 5.x, passing
