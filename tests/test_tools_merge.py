@@ -239,7 +239,7 @@ def test_a_network_for_another_model_is_refused():
                "lora_unet_input_blocks_4_1_transformer_blocks_9_attn1_to_q.lora_up.weight": torch.zeros(8, 2),
                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}
-    with pytest.raises(ModelError, match="sdxl"):
+    with pytest.raises(ModelError, match=r"SDXL LoRA but the model is an SD 1\.x checkpoint"):
         merge_into_state_dict(sd, [LoraInput(tensors)])
     wrong = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 7),
              "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(9, 2)}

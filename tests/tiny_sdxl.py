@@ -103,3 +103,70 @@ def sdxl_unet_inputs(batch: int = 2, seed: int = 1):
 def te_input_ids(batch: int = 2, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 49408, (batch, 7), generator=g)
+
+
+# ---------------------------------------------------------------- single-file (ldm / sgm) checkpoints of the above
+
+def _te_sd(te) -> dict:
+    """text_model.* keys of a CLIP text model (transformers >= 5.6 may drop the text_model level)."""
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+            for k, v in te.state_dict().items()}
+
+
+def openclip_state_dict(te, extra_layers: int = 0, seed: int = 5) -> dict:
+    """A transformers CLIP text model in OpenCLIP's layout (q/k/v fused into attn.in_proj_*), plus `extra_layers`
+    random resblocks after the last one (SD 2.x checkpoints keep a last layer sd-scripts' model drops)."""
+    sd = _te_sd(te)
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd["text_projection.weight"].t().contiguous()
+    n = te.config.num_hidden_layers
+    leaves = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(n):
+        p = f"text_model.encoder.layers.{i}."
+        q = f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[q + "attn.in_proj_" + kind] = torch.cat([sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for hf, oc in leaves.items():
+                out[q + f"{oc}.{kind}"] = sd[p + f"{hf}.{kind}"]
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n, n + extra_layers):
+        for k in [k for k in out if k.startswith("transformer.resblocks.0.")]:
+            out[k.replace("resblocks.0.", f"resblocks.{i}.")] = torch.randn(out[k].shape, generator=g,
+                                                                           dtype=out[k].dtype)
+    return out
+
+
+def unet_ldm(unet) -> dict:
+    from lib_lora_train.models.convert import unet_diffusers_to_ldm
+
+    sd = unet.state_dict()
+    extra = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+    out = {}
+    for k, v in sd.items():
+        mod, _, param = k.rpartition(".")
+        if mod in extra:
+            out[f"{extra[mod]}.{param}"] = v
+    out.update(unet_diffusers_to_ldm({k: v for k, v in sd.items() if not k.startswith("add_embedding.")}))
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def sdxl_checkpoint(unet, tes) -> dict:
+    """An SDXL-layout state dict: U-Net (sgm), CLIP-L at embedders.0, bigG (OpenCLIP) at embedders.1, a VAE stub."""
+    sd = unet_ldm(unet)
+    sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in _te_sd(tes[0]).items()})
+    sd.update({"conditioner.embedders.1.model." + k: v for k, v in openclip_state_dict(tes[1]).items()})
+    sd["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 4, 3, 3)
+    return sd
+
+
+def sd2_checkpoint(unet, te) -> dict:
+    """An SD 2.x-layout state dict: U-Net (ldm), OpenCLIP ViT-H-style text model with one unused last layer."""
+    sd = unet_ldm(unet)
+    sd.update({"cond_stage_model.model." + k: v for k, v in openclip_state_dict(te, extra_layers=1).items()})
+    sd["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 4, 3, 3)
+    return sd

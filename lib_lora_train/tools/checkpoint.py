@@ -77,6 +77,29 @@ class CheckpointSource:
 class LayerKeys:
     weight: str            # ldm key of the layer's weight
     bias: str | None       # ldm key of its bias, if the checkpoint has one
+    chunk: tuple[int, int] | None = None   # (i, n): the layer is row block i of n of a fused weight (q / k / v)
+
+
+def rows(t: torch.Tensor, chunk: tuple[int, int] | None) -> torch.Tensor:
+    """The layer's part of a checkpoint tensor (a view): all of it, or one row block of a fused q/k/v weight."""
+    if chunk is None:
+        return t
+    i, n = chunk
+    size = t.shape[0] // n
+    return t[i * size:(i + 1) * size]
+
+
+def family_name_index(keys, family: str, ndim) -> dict[str, LayerKeys]:
+    """sd-scripts LoRA name -> checkpoint keys for a checkpoint of any family (ndim(key): a tensor's rank)."""
+    from .families import family_layers
+
+    if family == "sd1":
+        return name_index(keys)
+    layers, aliases = family_layers(keys, family, ndim)
+    index = {layer.name: LayerKeys(layer.weight, layer.bias, layer.chunk) for layer in layers}
+    for alias, layer in aliases.items():
+        index.setdefault(alias, LayerKeys(layer.weight, layer.bias, layer.chunk))
+    return index
 
 
 def name_index(keys) -> dict[str, LayerKeys]:
@@ -108,6 +131,25 @@ class TargetRef:
     weight_key: str     # ldm key
     part: str           # unet | text_encoder
     kxk: bool           # a conv with a kernel larger than 1×1
+    chunk: tuple[int, int] | None = None   # see LayerKeys
+
+
+def family_targets(src: CheckpointSource, family: str, preset: str) -> list[TargetRef]:
+    """The layers a networks.lora preset adapts in an SD 2.x / SDXL checkpoint (text encoders first), chosen by
+    sd-scripts' class rule expressed on the checkpoint's own block layout (families.preset_kinds); SD 1.x:
+    sd1_targets."""
+    from .families import family_layers, preset_kinds
+
+    if family == "sd1":
+        return sd1_targets(src, preset)
+    layers, _ = family_layers(src.keys, family, lambda k: len(src.shape(k)))
+    kinds = preset_kinds(preset)
+    out = []
+    for layer in sorted((l for l in layers if l.kind in kinds), key=lambda l: l.part != "text_encoder"):
+        shape = src.shape(layer.weight)
+        out.append(TargetRef(layer.name, layer.weight, layer.part, len(shape) == 4 and tuple(shape[2:]) != (1, 1),
+                             layer.chunk))
+    return out
 
 
 def sd1_targets(src: CheckpointSource, preset: str) -> list[TargetRef]:

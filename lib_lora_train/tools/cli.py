@@ -107,8 +107,17 @@ def cmd_extract(args: argparse.Namespace, rest: list[str]) -> int:
     from ..errors import ConfigError
     from .extract import extract_lora_to_file
 
-    if args.v2 or args.sdxl:
-        raise ConfigError("extract handles SD1 checkpoints only (no --v2 / --sdxl yet)")
+    if args.v2 or args.sdxl:    # sd-scripts' flags: the family is read from the checkpoint; they must agree
+        from .checkpoint import CheckpointSource
+        from .families import checkpoint_family
+        with CheckpointSource(args.model_org) as src:
+            found = checkpoint_family(src.keys)
+        wanted = "sdxl" if args.sdxl else "sd2"
+        if found != wanted:
+            from ..networks.names import FAMILY_LABELS
+            raise ConfigError(f"--{'sdxl' if args.sdxl else 'v2'} was given but {args.model_org} is an "
+                              f"{FAMILY_LABELS[found]} checkpoint (the family is read from the file; the flag is not "
+                              f"needed)")
     res = extract_lora_to_file(args.model_org, args.model_tuned, args.save_to, dim=args.dim, conv_dim=args.conv_dim,
                                clamp_quantile=args.clamp_quantile, min_diff=args.min_diff, device=args.device,
                                load_precision=args.load_precision, save_precision=args.save_precision,

@@ -121,14 +121,30 @@ def tool_metadata(tool: str, params: Mapping[str, Any], inputs: list[dict[str, A
             META_INPUTS: json.dumps(inputs, ensure_ascii=False, default=str)}
 
 
+_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+_SGM = "https://github.com/Stability-AI/generative-models"
+
+
+def _arch(family: str, v_pred: bool) -> str:
+    return "stable-diffusion-v2-768-v" if family == "sd2" and v_pred else _ARCH.get(family, _ARCH["sd1"])
+
+
+def _resolution(family: str, v_pred: bool) -> str:
+    n = 1024 if family == "sdxl" else 768 if family == "sd2" and v_pred else 512
+    return f"{n}x{n}"
+
+
 def lora_modelspec(*, title: str, timestamp: float | None = None, merged_from: str | None = None,
-                   v_pred: bool = False, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """ModelSpec 1.0.1 keys of an SD1 LoRA written by a tool (sd-scripts' sai_model_spec values)."""
+                   v_pred: bool = False, extra: Mapping[str, str | None] | None = None,
+                   family: str = "sd1") -> dict[str, str]:
+    """ModelSpec 1.0.1 keys of a LoRA written by a tool (sd-scripts' sai_model_spec values for the family: SDXL
+    LoRAs name the sgm implementation, SD 1.x / 2.x ones diffusers; the family's native resolution)."""
     ts = time.time() if timestamp is None else timestamp
-    spec = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1/lora",
-            "modelspec.implementation": "diffusers", "modelspec.title": title,
+    spec = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": _arch(family, v_pred) + "/lora",
+            "modelspec.implementation": _SGM if family == "sdxl" else "diffusers", "modelspec.title": title,
             "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
-            "modelspec.resolution": "512x512", "modelspec.prediction_type": "v" if v_pred else "epsilon",
+            "modelspec.resolution": _resolution(family, v_pred),
+            "modelspec.prediction_type": "v" if v_pred else "epsilon",
             "modelspec.implementation_version": f"lib_lora_train/{__version__}"}
     if merged_from:
         spec["modelspec.merged_from"] = merged_from
@@ -137,12 +153,20 @@ def lora_modelspec(*, title: str, timestamp: float | None = None, merged_from: s
 
 
 def checkpoint_modelspec(*, title: str, merged_from: str, v_pred: bool = False,
-                         timestamp: float | None = None) -> dict[str, str]:
-    """ModelSpec keys of a merged SD1 checkpoint, as sd-scripts' merge_lora.py writes them."""
-    spec = lora_modelspec(title=title, timestamp=timestamp, merged_from=merged_from, v_pred=v_pred)
-    spec["modelspec.architecture"] = "stable-diffusion-v1"
-    spec["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models"
+                         timestamp: float | None = None, family: str = "sd1") -> dict[str, str]:
+    """ModelSpec keys of a merged checkpoint, as sd-scripts' merge_lora.py / sdxl_merge_lora.py write them."""
+    spec = lora_modelspec(title=title, timestamp=timestamp, merged_from=merged_from, v_pred=v_pred, family=family)
+    spec["modelspec.architecture"] = _arch(family, v_pred)
+    spec["modelspec.implementation"] = _SGM
     return spec
+
+
+def family_metadata(family: str, v_pred: bool = False) -> dict[str, str]:
+    """ss_v2 / ss_base_model_version of a LoRA for a family (sd-scripts' values)."""
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
+    if v_pred and family != "sdxl":
+        version += "_v"
+    return {"ss_v2": str(family == "sd2"), "ss_base_model_version": version}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Extract a LoRA / LoCon from a tuned and a base SD1 checkpoint (sd-scripts extract_lora_from_models.py).
+"""Extract a LoRA / LoCon from a tuned and a base SD 1.x / SD 2.x / SDXL checkpoint (sd-scripts
+extract_lora_from_models.py; the family is read from the keys, both checkpoints must be of the same one).
 
 For every layer a networks.lora network would adapt (LierLa; C3Lier with conv_dim): ΔW = W_tuned − W_base, the
 truncated SVD at rank min(dim, out, in) (conv_dim for k×k convs), up = U·S, down = Vhᵀ, both clamped to ±the
@@ -7,7 +8,7 @@ the text encoder is left out ("text encoder is same"). Each module's report says
 rank keeps (sum / Frobenius share of the singular values) and the actual relative error after the clamp.
 Checkpoints are read one tensor at a time (safetensors), so two full models are never in memory.
 Differences from sd-scripts: the SVD computes only the kept vectors (sd-scripts computes full U and V, same
-result, much slower); v2 / SDXL checkpoints are refused (SD1 only).
+result, much slower); the family comes from the checkpoint, not from --v2 / --sdxl flags.
 """
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ModelError
-from .checkpoint import CheckpointSource, TargetRef, sd1_targets
-from .common import (LoraResult, ToolContext, cast_tensors, check_output, input_record, lora_modelspec, precision,
-                     save_lora, tool_metadata)
+from .checkpoint import CheckpointSource, TargetRef, family_targets, rows
+from .common import (LoraResult, ToolContext, cast_tensors, check_output, family_metadata, input_record,
+                     lora_modelspec, precision, save_lora, tool_metadata)
+from .families import checkpoint_family
 from .modules import clamp_quantile as clamp_factors
 from .modules import flat, lora_tensors, retained, svd_dense
 
 
-def _diff(org: CheckpointSource, tuned: CheckpointSource, key: str, load_dtype) -> torch.Tensor:
-    a, b = org.get(key), tuned.get(key)
+def _diff(org: CheckpointSource, tuned: CheckpointSource, key: str, load_dtype, chunk=None) -> torch.Tensor:
+    a, b = rows(org.get(key), chunk), rows(tuned.get(key), chunk)
     if a.shape != b.shape:
         raise ModelError(f"{key}: shape {tuple(a.shape)} in {org.name} but {tuple(b.shape)} in {tuned.name}; "
                          f"the two checkpoints are not the same architecture")
@@ -41,7 +43,7 @@ def _te_differs(org, tuned, targets: list[TargetRef], min_diff: float, load_dtyp
     """The largest |ΔW| over the text encoder (stops early once above min_diff)."""
     largest = 0.0
     for t in ctx.steps("compare text encoder", [t for t in targets if t.part == "text_encoder"]):
-        largest = max(largest, float(_diff(org, tuned, t.weight_key, load_dtype).abs().max()))
+        largest = max(largest, float(_diff(org, tuned, t.weight_key, load_dtype, t.chunk).abs().max()))
         if largest > min_diff:
             break
     return largest
@@ -60,7 +62,12 @@ def extract_lora(model_org, model_tuned, *, dim: int = 4, conv_dim: int | None =
     ctx = ToolContext(sink, stop, "extract")
     load_dtype = precision(load_precision, "load_precision")
     with CheckpointSource(model_org) as org, CheckpointSource(model_tuned) as tuned:
-        targets = sd1_targets(org, "c3lier" if conv_dim else "lierla")
+        family, tuned_family = checkpoint_family(org.keys), checkpoint_family(tuned.keys)
+        if family != tuned_family:
+            from ..networks.names import FAMILY_LABELS
+            raise ModelError(f"{org.name} is {FAMILY_LABELS[family]} but {tuned.name} is "
+                             f"{FAMILY_LABELS[tuned_family]}; extract needs two checkpoints of one family")
+        targets = family_targets(org, family, "c3lier" if conv_dim else "lierla")
         missing = [t.weight_key for t in targets if t.weight_key not in tuned]
         if missing:
             raise ModelError(f"{tuned.name} lacks {len(missing)} layers of {org.name}, e.g. {missing[:3]}")
@@ -73,7 +80,7 @@ def extract_lora(model_org, model_tuned, *, dim: int = 4, conv_dim: int | None =
         tensors: dict[str, torch.Tensor] = {}
         report: list[dict[str, Any]] = []
         for t in ctx.steps("extract", targets):
-            delta = _diff(org, tuned, t.weight_key, load_dtype)
+            delta = _diff(org, tuned, t.weight_key, load_dtype, t.chunk)
             shape = tuple(delta.shape)
             rank = min(conv_dim if t.kxk else dim, shape[0], shape[1])
             mat = flat(delta)
@@ -84,13 +91,13 @@ def extract_lora(model_org, model_tuned, *, dim: int = 4, conv_dim: int | None =
             report.append({"name": t.name, "rank": rank, "kxk": t.kxk, "update_norm": norm,
                            **retained(lr.S, rank), "rel_error": err})
     fro = [m["fro_retained"] for m in report]
-    summary = {"modules": len(report), "text_encoder": "same" if te_same else "extracted",
+    summary = {"modules": len(report), "family": family, "text_encoder": "same" if te_same else "extracted",
                "text_encoder_max_diff": te_max, "dim": dim, "conv_dim": conv_dim,
                "mean_fro_retained": sum(fro) / len(fro) if fro else None,
                "min_fro_retained": min(fro) if fro else None,
                "max_rel_error": max((m["rel_error"] for m in report), default=None)}
     net_args = {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))} if conv_dim else {}
-    meta = {"ss_v2": "False", "ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora",
+    meta = {**family_metadata(family), "ss_network_module": "networks.lora",
             "ss_network_dim": str(dim), "ss_network_alpha": str(float(dim)), "ss_network_args": json.dumps(net_args)}
     return LoraResult(tensors, meta, report, summary, seconds=time.time() - t0)
 
@@ -106,8 +113,9 @@ def extract_lora_to_file(model_org, model_tuned, save_to: str | os.PathLike, *, 
     dtype = precision(save_precision, "save_precision")
     result = extract_lora(model_org, model_tuned, dim=dim, conv_dim=conv_dim, clamp_quantile=clamp_quantile,
                           min_diff=min_diff, device=device, load_precision=load_precision, sink=sink, stop=stop)
+    family = result.summary["family"]
     if v_parameterization:
-        result.metadata["ss_base_model_version"] = "sd_v1_v"
+        result.metadata.update(family_metadata(family, v_pred=True))
     s = result.summary
     result.metadata["ss_training_comment"] = (
         f"extracted by lib_lora_train from {_label(model_tuned)} - {_label(model_org)}, rank {dim}"
@@ -115,7 +123,7 @@ def extract_lora_to_file(model_org, model_tuned, save_to: str | os.PathLike, *, 
         + (f"; mean Frobenius share kept {s['mean_fro_retained']:.3f}" if s["mean_fro_retained"] is not None else ""))
     if not no_metadata:
         result.metadata.update(lora_modelspec(title=os.path.splitext(os.path.basename(save_to))[0],
-                                              v_pred=v_parameterization))
+                                              v_pred=v_parameterization, family=family))
         records = [input_record(_path(m), _meta(m), role=role, keep_metadata=False)
                    for m, role in ((model_org, "base"), (model_tuned, "tuned"))]
         result.metadata.update(tool_metadata("extract", {"dim": dim, "conv_dim": conv_dim,

@@ -1,6 +1,7 @@
 """Read LoRA / LyCORIS files of any common trainer into one form: sd-scripts module names -> canonical tensors.
 
-Key conventions understood (all on SD1; SDXL / other models are read but their names are kept as they are):
+Key conventions understood (SD 1.x / 2.x names are canonicalised to sd-scripts' diffusers-path names; SDXL names
+are kept in sd-scripts' sgm spelling; other models are read but their names are kept as they are):
   sd-scripts, ours, LyCORIS, ai-toolkit, OneTrainer "legacy":  lora_unet_<diffusers path>.lora_down.weight,
       lora_te_text_model_....alpha, LyCORIS hada_* / lokr_* / diff / ia3 weight / w_norm ...
   kohya names with ldm (CompVis) paths (ai-toolkit LoCon keymap, some converters): lora_unet_input_blocks_1_1_...
@@ -51,6 +52,7 @@ class LoraFile:
     path: str | None = None
     convention: str = "sd-scripts"                 # how the keys were spelled (see _classify)
     family: str = "sd1"                            # sd1 | sd2 | sdxl | other
+    family_guessed: bool = False                   # sd1 only by default: no metadata, name or width told
     unknown_keys: list[str] = field(default_factory=list)
 
     @property
@@ -202,13 +204,31 @@ def _family(keys: list[str], metadata: Mapping[str, str]) -> str:
     return "sd1"
 
 
-def _shape_hint_family(modules: Mapping[str, Mapping[str, torch.Tensor]], family: str) -> str:
-    """Tell SD1 from SD2 / SDXL by the cross-attention width when the metadata says nothing."""
-    for name, w in modules.items():
-        if name.endswith("attn2_to_k") and "lora_down.weight" in w:
-            width = int(w["lora_down.weight"].shape[1])
-            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width, family)
-    return family
+_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}            # cross-attention context width per family
+_TE_WIDTHS = {768: "sd1", 1024: "sd2"}                        # the single text encoder's width
+
+
+# Attention where only SDXL has it (the first up level; SD 1.x / 2.x have none there), or deeper transformer stacks
+_SDXL_STRUCTURE = re.compile(r"output_blocks[._][0-2][._]1[._](proj_in|proj_out|transformer_blocks)|"
+                             r"transformer_blocks[._][1-9]")
+
+
+def _shape_hint_family(tensors: Mapping[str, torch.Tensor], family: str) -> str:
+    """Tell SD 1.x, SD 2.x and SDXL apart by the cross-attention (or text-encoder) width when neither the
+    metadata nor the key names say (e.g. a U-Net-only LoRA with ldm / sgm names)."""
+    te_hint = None
+    for key, t in tensors.items():
+        down = "lora_down" in key or "lora_A" in key or "hada_w1_b" in key
+        if not down or t.dim() < 2:
+            continue
+        flat = key.replace(".", "_")
+        if "attn2_to_k" in flat and int(t.shape[1]) in _WIDTHS:
+            return _WIDTHS[int(t.shape[1])]
+        if te_hint is None and "self_attn_q_proj" in flat and flat.startswith(("lora_te_", "text_encoder_")):
+            te_hint = _TE_WIDTHS.get(int(t.shape[1]))
+    if te_hint is None and any(_SDXL_STRUCTURE.search(k) for k in tensors):
+        return "sdxl"
+    return te_hint or family
 
 
 def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
@@ -217,6 +237,11 @@ def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
     metadata = dict(metadata or {})
     keys = list(tensors)
     family = _family(keys, metadata)
+    guessed = False
+    if family == "sd1" and not metadata.get("ss_base_model_version") and not metadata.get("modelspec.architecture"):
+        family = _shape_hint_family(tensors, "")
+        guessed = not family
+        family = family or "sd1"
     modules: dict[str, dict[str, torch.Tensor]] = {}
     conventions: dict[str, int] = {}
     unknown = []
@@ -235,13 +260,11 @@ def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
     if not modules:
         raise ModelError(f"{path or 'the file'} holds no LoRA / LyCORIS tensors"
                          + (f" (keys such as {unknown[:3]})" if unknown else ""))
-    if family == "sd1" and not metadata.get("ss_base_model_version"):
-        family = _shape_hint_family(modules, family)
     # text-encoder names are the same in several conventions: the most common other spelling names the file
     special = {k: v for k, v in conventions.items() if k != "sd-scripts"}
     convention = max(special or conventions, key=(special or conventions).get)
     return LoraFile(modules=modules, metadata=metadata, path=path, convention=convention, family=family,
-                    unknown_keys=unknown)
+                    unknown_keys=unknown, family_guessed=guessed)
 
 
 def read_lora(source: str | os.PathLike | LoraFile | Mapping[str, torch.Tensor],

@@ -161,7 +161,7 @@ def inspect_lora(source, *, norms: bool = True, top_tags: int = 20, check_hash: 
             reports.append(ModuleReport(name, _part(name), "-", f"unknown ({e})", None, None, None, "-", None))
             continue
         shape = update_shape(name, w)
-        idx = lbw_index(name) if lora.family == "sd1" else None
+        idx = lbw_index(name) if lora.family in ("sd1", "sd2", "sdxl") else None
         first = next(iter(w.values()))
         rep = ModuleReport(name, _part(name), LBW26[idx] if idx is not None else "-", label, module_rank(w),
                            module_alpha(w), list(shape) if shape else None, str(first.dtype).replace("torch.", ""),
@@ -203,7 +203,8 @@ def inspect_lora(source, *, norms: bool = True, top_tags: int = 20, check_hash: 
 
 
 def _guess_version(family: str) -> str | None:
-    return {"sd1": "sd_v1 (guessed from the keys)", "sd2": "sd_v2 (guessed)", "sdxl": "sdxl (guessed)"}.get(family)
+    return {"sd1": "sd_v1 (guessed from the keys)", "sd2": "sd_v2 (guessed from the keys)",
+            "sdxl": "sdxl_base_v1-0 (guessed from the keys)"}.get(family)
 
 
 def _flag_exploded(reports: list[ModuleReport]) -> None:

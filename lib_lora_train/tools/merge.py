@@ -1,11 +1,13 @@
-"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full networks into an SD1 checkpoint (sd-scripts merge_lora.py).
+"""Merge LoRA / LoCon / LoHa / LoKr / IA3 / full networks into an SD 1.x / SD 2.x / SDXL checkpoint (sd-scripts
+merge_lora.py / sdxl_merge_lora.py).
 
 W' = W + Σ_i ratio_i · block_ratio_i(layer) · ΔW_i, accumulated in the merge precision (float32 by default) and
 cast once to the output precision. Works on the ldm state dict itself, so the result has exactly the input's
 keys and layout (VAE, EMA and extra tensors untouched); `merge_into_state_dict` does it in memory (e.g. on a
 live model's state dict, with a backup of the changed tensors for restoring) without writing a file.
 Differences from sd-scripts: the default output precision is the input's (sd-scripts: float32); any LyCORIS
-module type is merged (sd-scripts: LoRA / LoCon only); per-block (LBW) ratios are accepted.
+module type is merged (sd-scripts: LoRA / LoCon only); per-block (LBW) ratios are accepted. A network of another
+family than the checkpoint (e.g. an SDXL LoRA and an SD 1.x checkpoint) is refused, naming both families.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from .blocks import block_ratio, parse_block_weights
-from .checkpoint import name_index
+from .checkpoint import family_name_index, rows
+from .families import checkpoint_family, refuse_mismatch
 from .common import (ToolContext, check_output, checkpoint_modelspec, input_record, precision, title_of,
                      tool_metadata)
 from .formats import LoraFile, read_lora
@@ -31,7 +34,7 @@ class LoraInput:
     """One network to merge: a path / LoraFile / tensors, its ratio, optional LBW ratios and DyLoRA rank."""
     source: Any
     ratio: float = 1.0
-    block_weights: Any = None        # LBW preset name, "1,0,..." (17 / 26 values) or a sequence; None: all 1
+    block_weights: Any = None        # LBW preset, "1,0,..." (SD1/2: 17 / 26 values, SDXL: 12 / 20 / 26); None: 1
     rank: int | None = None          # DyLoRA: merge only the first `rank` ranks (sd-scripts' split)
     dylora_keep_alpha: bool = True   # see modules.dylora_slice
 
@@ -53,8 +56,8 @@ class LoadedInput:
 
 
 def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = None, *,
-                sd1_only: bool = True) -> list[LoadedInput]:
-    """Read every input network (a bare path / LoraFile means ratio 1)."""
+                sd1_only: bool = False) -> list[LoadedInput]:
+    """Read every input network (a bare path / LoraFile means ratio 1); they must all be of one family."""
     if not inputs:
         raise ConfigError("no networks given (--models)")
     out = []
@@ -63,7 +66,15 @@ def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = Non
         lora = read_lora(spec.source)
         if sd1_only and lora.family != "sd1":
             raise ModelError(f"{lora.name} is a {lora.family} network; the tools handle SD1 networks only")
-        weights = parse_block_weights(spec.block_weights, what=f"block weights of {lora.name}")
+        if lora.family == "other":
+            raise ModelError(f"{lora.name} is not a Stable Diffusion 1.x / 2.x / SDXL network")
+        if out and lora.family != out[0].lora.family and not (
+                {lora.family, out[0].lora.family} <= {"sd1", "sd2"}
+                and (lora.family_guessed or out[0].lora.family_guessed)):
+            raise ModelError(f"{lora.name} is {_article(lora.family)} but {out[0].lora.name} is "
+                             f"{_article(out[0].lora.family)}; networks of different model families cannot be "
+                             f"merged together")
+        weights = parse_block_weights(spec.block_weights, what=f"block weights of {lora.name}", family=lora.family)
         if spec.rank is not None:
             if spec.rank < 1:
                 raise ConfigError(f"DyLoRA rank for {lora.name} must be >= 1")
@@ -71,6 +82,11 @@ def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = Non
                 ctx.warn(f"{lora.name} is not marked as DyLoRA (ss_network_module); slicing its ranks anyway")
         out.append(LoadedInput(spec, lora, weights))
     return out
+
+
+def _article(family: str) -> str:
+    from ..networks.names import FAMILY_LABELS
+    return f"an {FAMILY_LABELS.get(family, family)} network"
 
 
 @dataclass
@@ -94,7 +110,8 @@ def _fit(delta: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
 def merge_into_state_dict(sd: MutableMapping[str, torch.Tensor], inputs: Sequence[LoraInput | Any], *,
                           merge_dtype: torch.dtype | str = torch.float32, out_dtype: torch.dtype | str | None = None,
                           backup: MutableMapping[str, torch.Tensor] | None = None, strict: bool = False,
-                          sink=None, stop=None, _loaded: list[LoadedInput] | None = None) -> MergeReport:
+                          sink=None, stop=None, _loaded: list[LoadedInput] | None = None,
+                          model_name: str = "the model") -> MergeReport:
     """Merge the networks into an ldm state dict in place (see the module docstring).
 
     out_dtype: dtype of the changed tensors (None: each keeps its own). backup: receives the original tensor of
@@ -103,10 +120,11 @@ def merge_into_state_dict(sd: MutableMapping[str, torch.Tensor], inputs: Sequenc
     """
     ctx = ToolContext(sink, stop, "merge")
     merge_dtype, out_dtype = precision(merge_dtype, "precision"), precision(out_dtype, "save_precision")
-    from ..models.infer import detect_family
-    detect_family(sd)      # a clear error for SDXL / SD2 / diffusers-layout / LoRA files given as the model
+    family = checkpoint_family(sd.keys())   # a clear error for diffusers-layout / LoRA files given as the model
     loaded = _loaded if _loaded is not None else load_inputs(inputs, ctx)
-    index = name_index(list(sd.keys()))
+    for item in loaded:
+        refuse_mismatch(item.lora.family, family, item.lora.name, model_name, guessed=item.lora.family_guessed)
+    index = family_name_index(list(sd.keys()), family, lambda k: sd[k].dim())
     acc: dict[str, torch.Tensor] = {}
     report = MergeReport()
     total = sum(len(x.lora.modules) for x in loaded)
@@ -127,11 +145,11 @@ def merge_into_state_dict(sd: MutableMapping[str, torch.Tensor], inputs: Sequenc
             if keys is None:
                 missing.append(name)
                 continue
-            base = sd[keys.weight]
+            base = rows(sd[keys.weight], keys.chunk)
             org = base.to(merge_dtype) if module_kind(w) == "ia3" else None
             own = update_shape(name, w)
             shape = tuple(base.shape) if own is None or math.prod(own) == base.numel() else own
-            delta, dbias = module_update(name, w, org, shape=shape)
+            delta, dbias = module_update(name, w, org, shape=shape, dtype=merge_dtype)
             for key, d in ((keys.weight, delta), (keys.bias, dbias)):
                 if d is None:
                     continue
@@ -139,8 +157,9 @@ def merge_into_state_dict(sd: MutableMapping[str, torch.Tensor], inputs: Sequenc
                     raise ModelError(f"{name}: the network changes a bias the model does not have")
                 cur = acc.get(key)
                 if cur is None:
-                    cur = sd[key].to(merge_dtype).clone()
-                acc[key] = cur + factor * _fit(d, cur, name).to(device=cur.device, dtype=merge_dtype)
+                    cur = acc[key] = sd[key].to(merge_dtype).clone()
+                part = rows(cur, keys.chunk)       # a view: q / k / v rows of a fused OpenCLIP weight
+                part += factor * _fit(d, part, name).to(device=cur.device, dtype=merge_dtype)
             merged += 1
             if done % 16 == 0 or done == total:
                 ctx.progress("merge", done, total)
@@ -199,12 +218,19 @@ def merge_into_checkpoint(sd_model: str | os.PathLike, inputs: Sequence[LoraInpu
                            overwrite=overwrite)
     out_dtype = precision(save_precision, "save_precision")
     loaded = load_inputs(specs, ctx)
+    from .checkpoint import CheckpointSource
+    with CheckpointSource(sd_model) as head:       # the family from the keys, before reading any tensor
+        family = checkpoint_family(head.keys)
+    for item in loaded:
+        refuse_mismatch(item.lora.family, family, item.lora.name, os.path.basename(os.fspath(sd_model)),
+                        guessed=item.lora.family_guessed)
     ctx.log(f"reading {os.path.basename(os.fspath(sd_model))}")
     ctx.progress("load", 0, 1)
     sd = read_checkpoint(sd_model)
     ctx.progress("load", 1, 1)
     base_meta = read_safetensors_metadata(sd_model) if os.fspath(sd_model).lower().endswith(".safetensors") else {}
     report = merge_into_state_dict(sd, specs, merge_dtype=merge_precision, sink=sink, stop=stop, strict=strict,
+                                   model_name=os.path.basename(os.fspath(sd_model)),
                                    _loaded=loaded)
     if out_dtype is not None:
         for k, t in sd.items():
@@ -217,7 +243,8 @@ def merge_into_checkpoint(sd_model: str | os.PathLike, inputs: Sequence[LoraInpu
                                                                 or title_of({}, x.lora.path) for x in loaded]
         v_pred = base_meta.get("modelspec.prediction_type") == "v" or "v_pred" in sd
         meta.update(checkpoint_modelspec(title=os.path.splitext(os.path.basename(save_to))[0],
-                                         merged_from=", ".join(titles), v_pred=v_pred))
+                                         merged_from=", ".join(titles), v_pred=v_pred,
+                                         family=family))
         records = [input_record(x.lora.path, x.lora.metadata, ratio=x.spec.ratio,
                                 block_weights=list(x.weights) if x.weights else None, rank=x.spec.rank)
                    for x in loaded]

@@ -190,6 +190,8 @@ def merge_loras_to_file(inputs: Sequence[LoraInput | Any], save_to: str | os.Pat
         triggers = [m.get("modelspec.trigger_phrase") for m in metas if m.get("modelspec.trigger_phrase")]
         result.metadata.update(lora_modelspec(
             title=os.path.splitext(os.path.basename(save_to))[0], merged_from=", ".join(titles),
+            family=loaded[0].lora.family,
+            v_pred=any(m.get("modelspec.prediction_type") == "v" for m in metas),
             extra={"modelspec.trigger_phrase": ", ".join(dict.fromkeys(triggers)) or None}))
         records = [input_record(x.lora.path, x.lora.metadata, ratio=x.spec.ratio, rank=x.spec.rank,
                                 block_weights=list(x.weights) if x.weights else None) for x in loaded]

@@ -132,13 +132,15 @@ def dylora_slice(w: Tensors, rank: int, *, keep_alpha: bool = True) -> dict[str,
 
 
 def module_update(name: str, w: Tensors, org_weight: torch.Tensor | None = None, *,
-                  shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ΔW, Δbias or None) of one module in float32 (float64 for a float64 base), shaped like the layer.
+                  shape: tuple[int, ...] | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ΔW, Δbias or None) of one module in float32 (float64 for a float64 base or dtype), shaped like the layer.
 
     org_weight is needed for IA3 (its update scales the base weight); otherwise the shape suffices.
     """
     kind = module_kind(w)
-    dt = torch.float64 if org_weight is not None and org_weight.dtype == torch.float64 else torch.float32
+    dt = torch.float64 if (org_weight is not None and org_weight.dtype == torch.float64) \
+        or dtype == torch.float64 else torch.float32
     if kind == "dora":
         raise ModelError(f"{name}: DoRA modules (dora_scale) are not supported by the tools")
     if kind == "full":
