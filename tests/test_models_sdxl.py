@@ -77,6 +77,16 @@ def test_loads_as_sdxl_with_two_text_encoders(model):
         assert not m.training and not any(p.requires_grad for p in m.parameters())
 
 
+def test_v_prediction_sdxl_from_its_markers(sd):
+    marked = load_sd_model({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)})   # as NoobAI-XL v-pred files
+    info = marked.info
+    assert (info.family, info.prediction_type, info.base_model_version, info.native_resolution) == (
+        "sdxl", "v_prediction", "sdxl_base_v1-0", 1024)
+    assert info.extra["markers"] == ["v_pred", "ztsnr"] and info.extra["prediction_source"] == "marker"
+    assert marked.noise_scheduler.config.prediction_type == "v_prediction"
+    assert detect_checkpoint({**sd, "v_pred": torch.zeros(0)}) == ("sdxl", "v_prediction")
+
+
 def test_from_file_equals_from_dict(tmp_path, model):
     path = write_tiny_checkpoint(tmp_path / "xl.safetensors", seed=0, family="sdxl")
     assert detect_checkpoint(path) == ("sdxl", "epsilon")

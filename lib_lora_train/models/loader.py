@@ -95,6 +95,7 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
                      path=str(path) if path else None,
                      legacy_hash=legacy_hash(path) if path else None)
     info.extra.update(schedule=schedule_source, ema_keys_ignored=len(parts.ema), prediction_source=prediction_source,
+                      markers=sorted(k for k in MARKER_KEYS if k in sd),
                       ldm_extra_keys=sorted(parts.other),
                       te_layout="legacy" if parts.legacy_te_layout else "text_model",
                       configs={"unet": arch.unet, "vae": arch.vae, "text": arch.text,
@@ -105,6 +106,8 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
                    tokenizer_2=open_clip_tokenizer() if family == "sdxl" else None)
 
 
+# Empty marker tensors some files carry: v_pred (v-prediction), ztsnr (trained with zero terminal SNR).
+MARKER_KEYS = ("v_pred", "ztsnr")
 A1111_SD2_CHANNELS = (320, 640, 1280, 1280)   # the one SD 2.x UNet shape the WebUI's probe is made for
 
 
