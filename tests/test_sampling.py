@@ -236,3 +236,69 @@ def test_generate_uses_what_is_applied_to_the_modules(tiny_model):
     assert np.array_equal(plain, again)
     with pytest.raises(ConfigError, match="unknown sampler"):
         generate(tiny_model, [parse_prompt_line("x --ss nope")])
+
+
+def test_denoise_matches_a_hand_written_guidance_step():
+    """One DDIM step of the engine's loop equals the formula, with guidance over (negative, prompt)."""
+    from lib_lora_train.models import encode_text, load_sd_model, tiny_sd1_state_dict
+    from lib_lora_train.sampling.pipeline import denoise, make_scheduler
+
+    model = load_sd_model(tiny_sd1_state_dict(seed=3))
+    text = encode_text(model, ["", "red circle"])
+    calls = []
+    handle = model.unet.register_forward_hook(lambda m, i, o: calls.append((i[0].clone(), o.sample.clone())))
+    try:
+        sched = make_scheduler(model.noise_scheduler.config, "ddim")
+        gen = torch.Generator().manual_seed(7)
+        denoise(model, text, sched, height=64, width=64, steps=1, guidance=4.0, generator=gen, device="cpu")
+    finally:
+        handle.remove()
+    (inp, out), = calls
+    start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(inp[0], start[0]) and torch.equal(inp[1], start[0])   # DDIM: sigma 1, no input scaling
+    uncond, cond = out.chunk(2)
+    eps = uncond + 4.0 * (cond - uncond)
+    t = int(sched.timesteps[0])
+    ac = float(sched.alphas_cumprod[t])
+    x0 = (start - (1 - ac) ** 0.5 * eps) / ac ** 0.5     # DDIM's last step lands on the predicted x0
+    assert torch.allclose(sched.step(eps, t, start).prev_sample, x0, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    from lib_lora_train.models import load_sd_model, tiny_sdxl_state_dict
+
+    return load_sd_model(tiny_sdxl_state_dict(seed=2), name="tiny-xl")
+
+
+def test_generate_sdxl_uses_pooled_negative_and_uncropped_size_conditioning(tiny_sdxl):
+    from lib_lora_train.sampling.pipeline import generate
+
+    seen = []
+    handle = tiny_sdxl.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]), with_kwargs=True)
+    spec = [parse_prompt_line("green field --n blurry --w 96 --h 64 --s 2 --d 3")]
+    try:
+        a = generate(tiny_sdxl, spec)[0]
+    finally:
+        handle.remove()
+    b = generate(tiny_sdxl, spec)[0]
+    assert a.size == (96, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert len(seen) == 2
+    ids = seen[0]["time_ids"]
+    assert ids.tolist() == [[64, 96, 0, 0, 64, 96]] * 2             # original = target = image size, crop 0,0
+    from lib_lora_train.models import encode_text
+    want = encode_text(tiny_sdxl, ["blurry", "green field"]).pooled
+    assert torch.allclose(seen[0]["text_embeds"], want, rtol=0, atol=1e-6)   # the negative prompt's own pooled
+    other = generate(tiny_sdxl, [parse_prompt_line("green field --n sharp --w 96 --h 64 --s 2 --d 3")])[0]
+    assert not np.array_equal(np.asarray(a), np.asarray(other))
+
+
+def test_generate_v_prediction_model_uses_its_prediction_type():
+    from lib_lora_train.models import load_sd_model, tiny_sd2_state_dict
+    from lib_lora_train.sampling.pipeline import generate, make_scheduler
+
+    model = load_sd_model(tiny_sd2_state_dict(seed=1, v_pred=True))
+    assert make_scheduler(model.noise_scheduler.config).config.prediction_type == "v_prediction"
+    img = generate(model, [parse_prompt_line("x --w 64 --h 64 --s 2 --d 1")])[0]
+    assert img.size == (64, 64)

@@ -1,7 +1,11 @@
-"""Preview images from an SDModel with diffusers' StableDiffusionPipeline (offline, any LoRA applied).
+"""Preview images from an SDModel of any family (offline, any LoRA applied), with diffusers' schedulers.
 
-The default sampler is DPM++ 2M Karras. Prompt embeddings come from the engine's own text encoding
-(models.text.encode_prompts) so that clip skip and tokenisation match training exactly.
+The default sampler is DPM++ 2M Karras. The denoising loop is the engine's own (classifier-free guidance over a
+diffusers scheduler), so every family is sampled the same way: prompts go through models.encode_text (clip skip
+and tokenisation as in training) and the UNet gets models.conditioning.unet_inputs, which for SDXL adds the
+pooled embeddings (the negative prompt's own for the unconditional half) and the size conditioning of an
+uncropped image of the requested size. v-prediction models are sampled as such (the scheduler takes the model's
+prediction type from its noise schedule).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from ..models.conditioning import (SizeInfo, compute_dtype, effective_clip_skip, family_traits, unet_inputs,
+                                   vae_scale_factor)
 from .prompts import DEFAULT_SIZE, PromptSpec
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,21 @@ def infotext(spec: PromptSpec, seed: int, width: int, height: int, sampler: str 
 
 
 @contextlib.contextmanager
+def _vae_fp32(model) -> Iterator[None]:
+    """SDXL's VAE decodes to NaN in fp16: float32 for the duration, its own dtype afterwards."""
+    vae = model.vae
+    before = vae.dtype
+    if not family_traits(model).vae_fp32 or before == torch.float32:
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(before)
+
+
+@contextlib.contextmanager
 def _inference_state(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """eval() mode and `device` for the duration; then each module's train/eval flags, requires_grad and
     device exactly as found, and the global torch RNG untouched by whatever ran inside."""
@@ -122,24 +143,34 @@ def _inference_state(modules: Sequence[torch.nn.Module], device: torch.device) -
                 p.requires_grad_(flag)
 
 
-def _encode(model, prompt: str, negative: str, clip_skip: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..models.text import encode_prompts
-
-    # One call for both, so the two embeddings always have the same length.
-    emb = encode_prompts(model, [prompt, negative], clip_skip, device=device)
-    dtype = next(model.unet.parameters()).dtype
-    return emb[0:1].to(device=device, dtype=dtype), emb[1:2].to(device=device, dtype=dtype)
+def _encode(model, prompt: str, negative: str, clip_skip: int | None, device):
+    """(negative, prompt) as one TextConditioning of two rows, encoded in one call so they have the same length."""
+    from ..models import encode_text
+    return encode_text(model, [negative, prompt], clip_skip=clip_skip, device=device)
 
 
-def build_pipeline(model, scheduler):
-    """StableDiffusionPipeline around the model's own modules (no copies, no safety checker, no network)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def denoise(model, text, scheduler, *, height: int, width: int, steps: int, guidance: float,
+            generator: torch.Generator, device) -> Image.Image:
+    """Classifier-free guidance over `scheduler`: text rows are (negative, prompt). Returns the decoded image."""
+    unet, vae = model.unet, model.vae
+    dtype = compute_dtype(unet)
+    f = vae_scale_factor(model)
+    sizes = [SizeInfo.uncropped(height, width)] * 2
+    cond = unet_inputs(model, text, sizes, dtype)
+    shape = (1, unet.config.in_channels, height // f, width // f)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    for t in scheduler.timesteps:
+        both = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        uncond, cond_pred = unet(both.to(dtype), t, **cond).sample.float().chunk(2)
+        pred = uncond + guidance * (cond_pred - uncond)
+        extra = {"generator": generator} if takes_generator else {}
+        latents = scheduler.step(pred, t, latents, **extra).prev_sample
+    image = vae.decode((latents / model.info.latent_scale).to(vae.dtype)).sample.float()
+    arr = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr)
 
 
 def generate(model, specs: Sequence[PromptSpec], *, clip_skip: int | None = None, device="cpu",
@@ -159,24 +190,20 @@ def generate(model, specs: Sequence[PromptSpec], *, clip_skip: int | None = None
         sampler_key(spec.sampler or default_sampler)
     dev = torch.device(device)
     images: list[Image.Image] = []
-    modules = [model.unet, model.text_encoder, model.vae, *eval_modules]
-    with _inference_state(modules, dev), torch.no_grad():
-        pipe = None
+    encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
+    modules = [model.unet, *encoders, model.vae, *eval_modules]
+    clip_skip = effective_clip_skip(model, clip_skip)[0]
+    size = default_size or getattr(model.info, "native_resolution", None) or DEFAULT_SIZE
+    with _inference_state(modules, dev), _vae_fp32(model), torch.no_grad():
         for i, spec in enumerate(specs):
             sampler = spec.sampler or default_sampler
             scheduler = make_scheduler(model.noise_scheduler.config, sampler)
-            if pipe is None:
-                pipe = build_pipeline(model, scheduler)
-            else:
-                pipe.scheduler = scheduler
-            width, height = spec.size(default_size or DEFAULT_SIZE)
+            width, height = spec.size(size)
             seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-            cond, uncond = _encode(model, spec.prompt, spec.negative_prompt or "", clip_skip, dev)
+            text = _encode(model, spec.prompt, spec.negative_prompt or "", clip_skip, dev)
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
-            out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=height, width=width,
-                       num_inference_steps=spec.steps, guidance_scale=spec.scale, generator=generator,
-                       output_type="pil")
-            image = out.images[0]
+            image = denoise(model, text, scheduler, height=height, width=width, steps=spec.steps,
+                            guidance=spec.scale, generator=generator, device=dev)
             image.info["parameters"] = infotext(spec, seed, width, height, sampler, clip_skip,
                                                 getattr(getattr(model, "info", None), "name", None))
             image.info["seed"] = seed
