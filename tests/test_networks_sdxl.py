@@ -36,6 +36,18 @@ def test_round_trip_through_a_file(models, tmp_path):
     fresh.load_tensors(read)
     for k, v in fresh.save_tensors().items():
         assert torch.equal(v, tensors[k]), k
+    # the same file with diffusers-spelled U-Net names (as diffusers / some trainers write SDXL) reads the same
+    from lib_lora_train.networks.names import sdxl_unet_paths
+    back = {v.replace(".", "_"): k.replace(".", "_") for k, v in sdxl_unet_paths(unet).items()}
+    diffusers_named = {}
+    for key, t in read.items():
+        module, _, rest = key.partition(".")
+        sgm = module[len("lora_unet_"):] if module.startswith("lora_unet_") else None
+        diffusers_named[("lora_unet_" + back[sgm] if sgm else module) + "." + rest] = t
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in diffusers_named)
+    again = create_network(cfg, unet, tes)
+    again.load_tensors(diffusers_named)
+    assert all(torch.equal(v, tensors[k]) for k, v in again.save_tensors().items())
     # an SD1-named file does not fit (strict), and says why
     with pytest.raises(ConfigError, match="missing keys"):
         fresh.load_tensors({k.replace("lora_te1_", "lora_te_"): v for k, v in read.items()})

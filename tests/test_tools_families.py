@@ -176,3 +176,24 @@ def test_inspect_tells_the_family(tmp_path):
     assert unknown.family == "sd1" and unknown.family_guessed
     ins = inspect_lora(str(path))
     assert ins.blocks["M00"] > 0 and "OUT05" in ins.blocks
+
+
+def test_resize_and_merge_loras_keep_sdxl_names_and_family(tmp_path):
+    from lib_lora_train.tools.merge_lora import merge_loras_to_file
+    from lib_lora_train.tools.resize import resize_lora
+
+    unet, tes = tiny_sdxl_unet(), tiny_sdxl_text_encoders()
+    meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_network_file(str(a), _random_lora(unet, tes, "sdxl", seed=1), meta)
+    save_network_file(str(b), _random_lora(unet, tes, "sdxl", seed=2), meta)
+    resized = resize_lora(str(a), new_rank=2, new_conv_rank=1)
+    assert {k.rsplit(".", 2)[0] for k in resized.tensors} >= {"lora_te2_text_model_encoder_layers_0_mlp_fc1",
+                                                               "lora_unet_input_blocks_3_0_op"}
+    assert resized.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    merged = merge_loras_to_file([str(a), str(b)], tmp_path / "m.safetensors", new_rank=4, new_conv_rank=2)
+    assert merged.metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert merged.metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert merged.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_output_blocks_2_2_conv.") for k in merged.tensors)

@@ -297,8 +297,10 @@ class Network(torch.nn.Module):
 
         strict: the keys must be exactly this network's, with the same shapes and alphas. Otherwise missing
         layers keep their values, unknown keys are ignored and a layer's alpha is taken from the file; a shape
-        mismatch is always an error.
+        mismatch is always an error. SDXL files with diffusers-spelled U-Net names (lora_unet_down_blocks_...) are
+        read as their sgm names, as sd-scripts converts them on load.
         """
+        tensors = self._sgm_spelling(tensors)
         expected = {k: v.shape for k, v in self.save_tensors().items()}
         missing = [k for k in expected if k not in tensors]
         unexpected = [k for k in tensors if k not in expected]
@@ -337,6 +339,17 @@ class Network(torch.nn.Module):
                     alpha = float(w["alpha"])
                     adapter.alpha.fill_(alpha)
                     adapter.scale = (alpha or adapter.lora_dim) / adapter.lora_dim
+
+    def _sgm_spelling(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if self.family != "sdxl" or not any(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_",
+                                                           "lora_unet_up_blocks_")) for k in tensors):
+            return tensors
+        rename = {"lora_unet_" + t.path.replace(".", "_"): n for n, t in self._targets.items() if t.part == "unet"}
+        out = {}
+        for key, t in tensors.items():
+            module, dot, rest = key.partition(".")
+            out[rename.get(module, module) + dot + rest] = t
+        return out
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
