@@ -19,3 +19,8 @@ class ModelError(LoraTrainError):
 
 class Interrupted(LoraTrainError):
     """The run was stopped on request; a resumable state was saved (CLI exit code 3)."""
+
+
+class TrainingFailed(LoraTrainError):
+    """The run stopped for a reason the user can act on (diverged loss, out of memory, disk full); the message
+    says which setting to change. Files already saved are kept (CLI exit code 1)."""

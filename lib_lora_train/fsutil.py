@@ -1,10 +1,44 @@
 """Atomic file writes: a reader never sees a half-written file, a crash never destroys the old one."""
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
+import re
+import signal
 import tempfile
 from typing import Any, Callable
+
+# Fault injection for the fault tests (tests/test_faults_*.py), read here and nowhere else:
+# LORA_TRAIN_FAULT="<action>@<point pattern>[;...]", e.g. "kill@write:*-000002.safetensors" or "enospc@state:*".
+# Points: write:<file name> (inside atomic_write, after the temporary file is written, before the rename),
+# state:<folder name> (in the middle of a state save), step:<n> (before training step n), and what callers add.
+FAULT_ENV = "LORA_TRAIN_FAULT"
+
+
+def fault_point(where: str) -> None:
+    """Act out an injected fault when LORA_TRAIN_FAULT names this point; a no-op otherwise.
+
+    kill: SIGKILL this process, exactly what `kill -9` does; enospc: OSError(ENOSPC) as a full disk raises;
+    oom: torch.OutOfMemoryError as an exhausted GPU raises.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for rule in spec.split(";"):
+        action, _, pattern = rule.strip().partition("@")
+        if not pattern or not fnmatch.fnmatchcase(where, pattern):
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected at {where})")
+        elif action == "oom":
+            import torch
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at {where})")
+        else:
+            raise ValueError(f"{FAULT_ENV}: unknown action '{action}' in '{rule}' (kill, enospc, oom)")
 
 
 def _umask() -> int:
@@ -29,6 +63,51 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 probes without signalling)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def stale_temp_files(folder: str) -> list[str]:
+    """Temporary files of atomic_write in `folder` whose writing process no longer runs (killed mid-save)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if m and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
+            out.append(os.path.join(folder, name))
+    return out
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete what stale_temp_files finds; returns the paths removed."""
+    removed = []
+    for path in stale_temp_files(folder):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True,
                  exists_error: Callable[[str], Exception] | None = None, sync: bool = True) -> None:
     """Call `write(tmp_path)` for a temp file beside `path`, fsync it, then rename it over `path`.
@@ -45,10 +124,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
         if not overwrite and os.path.exists(path):
             raise (exists_error(path) if exists_error else FileExistsError(path))
     refuse()
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    # the writer's pid is in the name, so a temp file left by a killed process can be told from a live one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        fault_point("write:" + os.path.basename(path))
         os.chmod(tmp, 0o666 & ~_umask())
         if sync:
             with open(tmp, "rb") as fh:

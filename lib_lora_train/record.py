@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from typing import Any
 
 from . import __version__
 from .events import DONE, EPOCH, ERROR, INTERRUPTED, SAMPLE, SAVED, START, STEP, VALIDATION, Event
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, pid_alive
 
 RECORD_SUFFIX = ".run.json"
 EVENTS_SUFFIX = ".events.jsonl"
@@ -50,7 +51,9 @@ class RunRecord:
         if old is not None:
             self.data["resumes"].append({"time": now, "from_step": old.get("step", 0)})
         self.data.update({"status": "running", "config": config, "engine_version": __version__,
-                          "started": now, "error": None})
+                          "started": now, "error": None, "finished": None, "crashed": None,
+                          # who writes this record: a reader tells a run whose process died from a live one
+                          "process": {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_ticks()}})
         self._last_write = 0.0
         os.makedirs(output_dir, exist_ok=True)
         if not resume and os.path.exists(self.events_path):
@@ -115,8 +118,50 @@ class RunRecord:
 
 
 def read_run_record(path: str) -> dict[str, Any]:
+    """The record as written, except that a run whose process died while "running" reads as ended (see below)."""
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        return settle_dead_run(json.load(fh))
+
+
+def _start_ticks(pid: int | None = None) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the run."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat", encoding="ascii") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_gone(proc: Any) -> bool:
+    """True when the process that wrote a record surely no longer runs (same machine, pid gone or reused)."""
+    if not isinstance(proc, dict) or proc.get("host") != socket.gethostname():
+        return False
+    pid = proc.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return isinstance(pid, int)
+    start = proc.get("start")
+    now = _start_ticks(pid)
+    return start is not None and now is not None and now != start
+
+
+def settle_dead_run(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record left "running" by a process that was killed or crashed reads as "interrupted" when a saved state
+    can resume it (resume_state names it) and as "failed" otherwise, with crashed = true and an explanation."""
+    if not isinstance(rec, dict) or rec.get("status") != "running" or not process_gone(rec.get("process")):
+        return rec
+    state = None
+    try:
+        from .training.state import find_latest_state
+        found = find_latest_state(rec.get("output_dir") or "", str(rec.get("output_name") or ""))
+        state = str(found) if found else None
+    except Exception:  # noqa: BLE001 - a reader must not fail on a damaged folder
+        state = None
+    pid = rec["process"].get("pid")
+    rec = dict(rec, crashed=True, resume_state=state, status="interrupted" if state else "failed")
+    rec["error"] = (f"the training process (pid {pid}) ended without finishing: it was killed or crashed at "
+                    f"step {rec.get('step') or 0}. " +
+                    (f"Resume with resume = \"{state}\"." if state else "No state was saved; start the run again."))
+    return rec
 
 
 def read_events(path: str) -> list[dict[str, Any]]:

@@ -19,12 +19,14 @@ import torch
 
 from ..config import TrainConfig, te_lrs
 from ..errors import ConfigError, Interrupted
+from ..fsutil import fault_point
 from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAVED, START, STATE_SAVED, STEP, WARNING, Event,
                       EventSink, fan_out)
 from ..record import RunRecord
 from . import metadata as md
 from .data_setup import build_training_data, captions_for, make_latent_source
 from .evaluate import Validator
+from .guards import LossGuard, check_state_identity, clean_leftovers, explain_failure, state_identity
 from .memory import enable_checkpointing, fp8_targets, store_in_fp8, use_sdpa
 from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weights, sample_noise, \
     sample_timesteps, target_for, with_zero_terminal_snr
@@ -113,6 +115,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     result = RunResult(status="failed", record_path=record.path)
     restore: list = []   # undo actions for a model we did not load ourselves
     try:
+        clean_leftovers(cfg, emit)         # guards.py: temp files of a process killed mid-save
         device = resolve_device(cfg.device)
         weight_dtype, autocast_dtype = _dtypes(cfg, device)
 
@@ -215,6 +218,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         global_step, first_epoch = 0, 0
         if cfg.resume:
             state = load_train_state(cfg.resume)
+            check_state_identity(state, cfg, info, net_cfg)    # guards.py: not another run's or model's state
             restore_into(state, network, optimizer, lr_scheduler)
             global_step, first_epoch = state.global_step, state.epoch
             emit(Event(LOG, {"message": f"resumed from {cfg.resume} at epoch {first_epoch}, step {global_step}"}))
@@ -242,8 +246,24 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             path = os.path.join(cfg.output_dir, name)
             save_train_state(path, network_tensors=network.save_tensors(), optimizer=optimizer,
                              scheduler=lr_scheduler, epoch=epoch, global_step=global_step,
-                             extra={"output_name": cfg.output_name, "total_steps": plan.total_steps})
+                             extra={"output_name": cfg.output_name, "total_steps": plan.total_steps,
+                                    **state_identity(cfg, info, net_cfg)})
             emit(Event(STATE_SAVED, {"path": path, "epoch": epoch, "step": global_step}))
+            return path
+
+        def keep_last_good() -> str | None:
+            """guards.py: a diverged run keeps the file of its last completed epoch (when its weights are finite)."""
+            if last_epoch_tensors is None:
+                return None
+            ep, step_at, tensors = last_epoch_tensors
+            path = output_file(cfg, f"-{ep:06d}")
+            if not os.path.exists(path):
+                if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+                    return None
+                meta = md.for_save(run_meta, cfg, model_info=info, step=step_at, epoch=ep)
+                hashes = save_network_file(path, tensors, meta, overwrite=False)
+                result.outputs.append(path)
+                emit(Event(SAVED, {"path": path, "epoch": ep, "step": step_at, "kind": "epoch", **hashes}))
             return path
 
         def write_preview_lora(path: str, epoch: int, step: int) -> None:
@@ -271,6 +291,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         epoch = completed_epochs = first_epoch
         last_epoch_tensors = None
         interrupted = False
+        loss_guard = LossGuard(cfg, patience=3 if scaler is not None else 1)   # guards.py: NaN / inf loss
         for epoch in range(first_epoch, plan.epochs):
             batches = data.batches_for_epoch(epoch)
             steps_done_in_epoch = global_step - epoch * plan.steps_per_epoch
@@ -284,6 +305,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 caption_rng = random.Random(seed)
                 network.before_step(gen)
 
+                fault_point(f"step:{global_step + 1}")   # fault tests only (fsutil.py)
                 lat = latents.get_batch(batch, gen).to(device)
                 captions = captions_for(data, batch, epoch=epoch, step=global_step,
                                         max_steps=plan.total_steps, rng=caption_rng)
@@ -315,6 +337,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 loss = (per_sample * weights).mean()
                 updater.backward(loss)
                 loss_value = float(loss.detach())
+                loss_guard.check(loss_value, global_step + 1, epoch + 1, network, keep=keep_last_good)
                 epoch_loss += loss_value
                 epoch_count += 1
 
@@ -402,7 +425,11 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     except Interrupted:
         raise
     except BaseException as exc:
-        emit(Event(ERROR, {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}))
+        clear = explain_failure(exc, cfg)   # guards.py: out of memory / disk full -> what to change
+        shown = clear or exc
+        emit(Event(ERROR, {"message": str(shown) or type(shown).__name__, "type": type(shown).__name__}))
+        if clear is not None:
+            raise clear from exc
         raise
     finally:
         for undo in reversed(restore):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fsutil import fsync_dir
+from ..fsutil import fault_point, fsync_dir
 from .. import __version__
 from ..errors import ConfigError
 
@@ -78,6 +78,7 @@ def save_train_state(state_dir: str | os.PathLike, *, network_tensors: Mapping[s
     try:
         tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in network_tensors.items()}  # no views
         save_file(tensors, str(tmp / NETWORK_FILE), metadata={"format": STATE_FORMAT})
+        fault_point("state:" + final.name)    # fault tests only: a kill / full disk in the middle of a save
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         files = [NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE]
