@@ -44,7 +44,8 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
                   overrides: Mapping[str, Any] | None = None, name: str | None = None) -> SDModel:
     """UNet, VAE, text encoder(s), tokenizer(s) and noise scheduler of an SD 1.x / 2.x / SDXL checkpoint, in
     eval mode with frozen weights. `source`: a .safetensors / .ckpt path, or a state dict in the ldm / sgm
-    layout. The family comes from the keys; prediction_type from `overrides`, else the file's v_pred marker."""
+    layout. The family comes from the keys; prediction_type from `overrides`, else the file's v_pred marker,
+    else (full-size SD 2.x only) the WebUI's one-pass probe, else epsilon."""
     ov = check_overrides(overrides)
     device = torch.device(device)
     dtype = resolve_dtype(dtype)
@@ -121,6 +122,8 @@ def sd2_v_prediction_probe(unet) -> bool:
     t = 999 with a constant latent and a constant context, a v model's output sits far below its input (mean
     difference < -1), an epsilon model's does not. One forward pass on an 8x8 latent."""
     p = next(unet.parameters())
+    if p.is_meta:   # structure only (no weights): nothing to probe
+        return False
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
     cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)
     with torch.no_grad():
