@@ -197,3 +197,25 @@ def test_resize_and_merge_loras_keep_sdxl_names_and_family(tmp_path):
     assert merged.metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert merged.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert any(k.startswith("lora_unet_output_blocks_2_2_conv.") for k in merged.tensors)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_checkpoint_names_point_at_the_loaded_models_weights(family):
+    """Every layer name of the network on a model loaded by models.load_sd_model points, in the checkpoint it was
+    loaded from, at exactly that layer's weight (U-Net sgm / ldm keys, CLIP-L, OpenCLIP q/k/v row blocks)."""
+    from lib_lora_train.models import load_sd_model
+    from lib_lora_train.models.tiny import tiny_sd2_state_dict, tiny_sdxl_state_dict
+    from lib_lora_train.networks.targets import model_index
+    from lib_lora_train.tools.checkpoint import family_name_index, rows
+
+    sd = tiny_sdxl_state_dict() if family == "sdxl" else tiny_sd2_state_dict()
+    model = load_sd_model(dict(sd))
+    assert model.info.family == family
+    net = create_network(network_config_from_args("networks.lora", 4, 1, ["conv_dim=2"], family=family),
+                         model.unet, model.text_encoders, family=family)
+    layers = model_index(model.unet, model.text_encoders, family)
+    index = family_name_index(list(sd), family, lambda k: sd[k].dim())
+    for name in net.names:
+        keys = index[name]
+        weight = layers[name].weight.detach()
+        assert torch.equal(rows(sd[keys.weight], keys.chunk).reshape(weight.shape), weight), name

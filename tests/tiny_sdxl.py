@@ -144,15 +144,7 @@ def openclip_state_dict(te, extra_layers: int = 0, seed: int = 5) -> dict:
 def unet_ldm(unet) -> dict:
     from lib_lora_train.models.convert import unet_diffusers_to_ldm
 
-    sd = unet.state_dict()
-    extra = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-    out = {}
-    for k, v in sd.items():
-        mod, _, param = k.rpartition(".")
-        if mod in extra:
-            out[f"{extra[mod]}.{param}"] = v
-    out.update(unet_diffusers_to_ldm({k: v for k, v in sd.items() if not k.startswith("add_embedding.")}))
-    return {"model.diffusion_model." + k: v for k, v in out.items()}
+    return {"model.diffusion_model." + k: v for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
 
 
 def sdxl_checkpoint(unet, tes) -> dict:

@@ -18,12 +18,6 @@ UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
 SDXL_TE_PREFIXES = ("lora_te1", "lora_te2")
 
-# diffusers roots the converter knows; SDXL's add_embedding is sgm's label_emb.0 (a Sequential: Linear, SiLU,
-# Linear), which only SDXL has.
-_CONVERTIBLE_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
-_SDXL_EXTRA = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-
-
 def check_family(family: str) -> str:
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -53,14 +47,12 @@ def _adaptable(module: torch.nn.Module) -> bool:
 
 def sdxl_unet_paths(unet: torch.nn.Module) -> dict[str, str]:
     """diffusers path -> sgm path of every Linear / Conv2d of an SDXL U-Net (e.g. down_blocks.1.attentions.0.proj_in
-    -> input_blocks.4.1.proj_in, down_blocks.0.downsamplers.0.conv -> input_blocks.3.0.op)."""
-    from ..models.convert import unet_diffusers_to_ldm
+    -> input_blocks.4.1.proj_in, down_blocks.0.downsamplers.0.conv -> input_blocks.3.0.op), from the checkpoint
+    converter's module map (models.convert, the one place the two layouts are related)."""
+    from ..models.convert import unet_module_names
 
-    paths = [p for p, m in unet.named_modules() if p and _adaptable(m)]
-    convertible = {p + ".weight": p for p in paths if p.split(".", 1)[0] in _CONVERTIBLE_ROOTS}
-    out = {diff: ldm[: -len(".weight")] for ldm, diff in unet_diffusers_to_ldm(convertible).items()}
-    out.update({p: _SDXL_EXTRA[p] for p in paths if p in _SDXL_EXTRA})
-    return out
+    modules = unet_module_names(unet)
+    return {p: modules[p] for p, m in unet.named_modules() if p and _adaptable(m) and p in modules}
 
 
 def unet_naming_paths(unet: torch.nn.Module, family: str) -> dict[str, str] | None:
