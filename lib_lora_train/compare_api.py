@@ -57,6 +57,7 @@ class CompareResult:
     interrupted: bool = False
     saved: Optional[str] = None               # the grid file (or the WebUI's grid folder)
     extra: Dict[str, Any] = field(default_factory=dict)
+    failed: List[Any] = field(default_factory=list)   # compare.failed.FailedCell: cells drawn as "failed"
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything but the picture (an API answer adds it as base64)."""
@@ -64,7 +65,8 @@ class CompareResult:
         return {"row_labels": list(self.row_labels), "col_labels": list(self.col_labels), "epochs": list(self.epochs),
                 "files": list(self.files), "weights": list(self.weights), "prompt": self.prompt, "seed": self.seed,
                 "infotext": self.infotext, "method": self.method, "interrupted": self.interrupted,
-                "saved": self.saved, "validation": self.ranking.to_dict(), "table": table_text(self.ranking)}
+                "saved": self.saved, "validation": self.ranking.to_dict(), "table": table_text(self.ranking),
+                "failed": [f.to_dict() for f in self.failed]}
 
     def png_bytes(self) -> bytes:
         from PIL.PngImagePlugin import PngInfo
@@ -145,7 +147,7 @@ def engine_compare(request: CompareRequest, *, model: Any = None, stop: Optional
     return CompareResult(image=grid.image, row_labels=list(grid.row_labels), col_labels=list(grid.col_labels),
                          epochs=list(grid.epochs), files=list(grid.files), weights=list(grid.weights),
                          prompt=grid.prompts[0], seed=grid.seed, infotext=grid.infotext, ranking=grid.ranking,
-                         method="engine", saved=saved)
+                         method="engine", saved=saved, failed=list(grid.failed))
 
 
 # ---------------------------------------------------------------------------------------------- runs to offer
@@ -241,6 +243,13 @@ def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequenc
         explanation: str = Field("", description="What the curves say, in plain words")
         source: Optional[str] = Field(None, description="held_out | training_images | null")
 
+    class FailedCellModel(BaseModel):
+        reason: str = Field(..., description="Why the cell failed (an error, or a NaN image)")
+        epoch: Optional[int] = Field(None, description="The cell's epoch (row)")
+        weight: Optional[float] = Field(None, description="The cell's LoRA weight (column)")
+        prompt: Optional[str] = Field(None, description="The cell's prompt")
+        file: Optional[str] = Field(None, description="The cell's LoRA file")
+
     class CompareAnswer(BaseModel):
         id: str = Field(..., description="The run's id")
         image: str = Field(..., description="The grid as a base64 PNG (with its infotext)")
@@ -257,6 +266,8 @@ def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequenc
         saved: Optional[str] = Field(None, description="Where the grid was saved")
         validation: Validation = Field(..., description="Epochs ranked by validation loss")
         table: str = Field("", description="The validation-loss table as text")
+        failed: List[FailedCellModel] = Field(default_factory=list, description="Cells that failed (drawn as a "
+                                              "grey 'failed' tile, not as a black picture), with the reason")
 
     api = LoraTrainAPI(jobs)
     router = APIRouter(dependencies=_as_dependencies(dependencies), tags=[TAG])

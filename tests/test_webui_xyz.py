@@ -318,3 +318,44 @@ def test_sampler_names_leave_hidden_ones_out(tmp_path):
                                                                                             "LMS")])
     web.shared.opts.hide_samplers = ["LMS"]
     assert sampler_names(web) == ["DPM++ 2M", "Euler a"]
+
+
+def test_failed_cells_are_marked_not_black_in_the_grid_and_the_result(tmp_path):
+    """A cell whose process_images raised (the WebUI's NansException) or gave a NaN (all-black) image: the real
+    X/Y/Z script leaves it black; through our axes it is a grey "failed" tile, listed in the result."""
+    web, root = web_with_axes(tmp_path)
+    record = make_run(root, "p", "run", 2, created=1)
+
+    def on_cell(n):
+        if n == 2:
+            raise RuntimeError("A tensor with all NaNs was produced in Unet.")
+    web.standin.on_cell = on_cell
+    web.standin.nan_cells = {3}
+    res = wx.run_compare_grid(web, CompareRequest(record_path=record, weights=[0.5, 1.0], seed=1, steps=2))
+    failed = sorted(((f.epoch, f.weight, f.reason) for f in res.failed), key=lambda t: t[:2])
+    assert failed == [(1, 1.0, "RuntimeError: A tensor with all NaNs was produced in Unet."),
+                      (2, 0.5, "NaN image (the sampler produced NaNs: an all-black picture)")]
+    assert {f.file for f in res.failed} == {str(root / "p" / "run-000001.safetensors"),
+                                            str(root / "p" / "run.safetensors")}
+    cells = web.script.last.cell_images
+    assert set(cells) == {(0, 0), (1, 0), (0, 1), (1, 1)}          # every cell drawn, none left black
+    for xy in ((1, 0), (0, 1)):                                     # the failed tile: grey with a red cross
+        colours = set(cells[xy].convert("RGB").getdata())
+        assert (96, 96, 96) in colours and (220, 40, 40) in colours
+    assert cells[(1, 0)].size == (64, 64)                           # an error: a tile of the cell's size
+    assert cells[(0, 0)].getpixel((0, 0))[0] > 0                    # the good cells are the sampler's own
+    d = res.to_dict()
+    assert [f["weight"] for f in d["failed"]] in ([1.0, 0.5], [0.5, 1.0]) and "NaN" in json.dumps(d["failed"])
+
+
+def test_cells_without_our_axes_are_left_to_the_webui(tmp_path):
+    """Other X/Y/Z plots are not changed: the wrapped process_images passes their cells straight through."""
+    web, root = web_with_axes(tmp_path)
+    wrapped = web.xyz.process_images
+    assert getattr(wrapped, "__wrapped__", None) is web.standin.process_images
+    web.standin.nan_cells = {1}
+    p = SimpleNamespace(prompt="a cat", seed=1, steps=2, width=8, height=8, sampler_name="Euler", standin=web.standin)
+    res = wrapped(p)
+    assert res.images[0].getextrema()[0] == (0, 0)                   # untouched: the WebUI's own result
+    wx.register_axes(web.xyz, lambda: str(root))
+    assert web.xyz.process_images is wrapped                         # wrapped once, however often registered

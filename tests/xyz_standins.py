@@ -107,6 +107,11 @@ def make_xyz_module(*, extra_axes=(), signature="1.10"):
     ]
     for label in extra_axes:
         mod.axis_options.append(AxisOption(label, float, apply_field("extra_" + label.replace(" ", "_"))))
+    class Processed:
+        def __init__(self, p, images_list, seed=-1, info=""):
+            self.images, self.seed, self.infotexts = images_list, seed, [info]
+    mod.Processed = Processed
+    mod.process_images = None        # `from modules.processing import process_images`: set by make_webui
     mod.Script = _script_class(mod, signature)
     return mod
 
@@ -179,16 +184,21 @@ def _script_class(mod, signature):
                         x_opt.apply(pc, x, xs)
                         y_opt.apply(pc, y, ys)
                         z_opt.apply(pc, z, zs)
-                        cells[(ix, iy, iz)] = p.standin.process_images(pc)
+                        try:                        # as the real cell(): an error leaves the cell empty
+                            cells[(ix, iy, iz)] = mod.process_images(pc)
+                        except Exception:  # noqa: BLE001
+                            cells[(ix, iy, iz)] = mod.Processed(p, [], p.seed, "")
             self.last = SimpleNamespace(xs=xs, ys=ys, cells=cells,
                                         x_labels=[x_opt.format_value(p, x_opt, x) for x in xs],
                                         y_labels=[y_opt.format_value(p, y_opt, y) for y in ys])
             cell = 16
             grid = Image.new("RGB", (cell * len(xs), cell * len(ys)), (0, 0, 0))
+            self.last.cell_images = {}
             for (ix, iy, _), res in cells.items():
-                if res is not None:
+                if res is not None and res.images:   # an empty cell stays black, as Image.new() in the real one
                     grid.paste(res.images[0].resize((cell, cell)), (ix * cell, iy * cell))
-            first = next((r for r in cells.values() if r is not None), None)
+                    self.last.cell_images[(ix, iy)] = res.images[0]
+            first = next((r for r in cells.values() if r is not None and r.images), None)
             info = f"{p.prompt}\nSeed: {p.seed}, Script: X/Y/Z plot, X Type: {x_opt.label}, X Values: {x_values}"
             return SimpleNamespace(images=[grid], infotexts=[info], seed=p.seed if first is None else first.seed)
 
@@ -265,7 +275,7 @@ def make_webui(tmp_path, *, xyz_module=None, lora_dir=None, networks=None, befor
     """shared / scripts / processing / call_queue stand-ins wired together; `.prompts` logs every cell.
     `before_ui(scripts)` runs before the X/Y/Z script's ui() (where the real WebUI imports extension scripts)."""
     xyz_module = xyz_module or make_xyz_module()
-    standin = SimpleNamespace(state=StateStandIn(), prompts=[], seeds=[], cells=[], on_cell=None)
+    standin = SimpleNamespace(state=StateStandIn(), prompts=[], seeds=[], cells=[], on_cell=None, nan_cells=set())
     opts = SimpleNamespace(grid_save=True, outdir_grids="", outdir_txt2img_grids=str(tmp_path / "grids"),
                            outdir_samples="", outdir_txt2img_samples=str(tmp_path / "samples"), data={})
     shared = SimpleNamespace(state=standin.state, opts=opts, sd_model=object(),
@@ -278,9 +288,11 @@ def make_webui(tmp_path, *, xyz_module=None, lora_dir=None, networks=None, befor
                               "sampler": pc.sampler_name, "addnet": getattr(pc, "addnet", None)})
         if standin.on_cell is not None:
             standin.on_cell(len(standin.prompts))
-        shade = sum(pc.prompt.encode()) % 256
+        shade = 0 if len(standin.prompts) in standin.nan_cells else 1 + sum(pc.prompt.encode()) % 255
         return SimpleNamespace(images=[Image.new("RGB", (8, 8), (shade, 0, 0))], seed=pc.seed, infotexts=[pc.prompt])
     standin.process_images = process_images
+    if xyz_module.process_images is None:
+        xyz_module.process_images, xyz_module.state = process_images, standin.state
 
     class Processing:
         def __init__(self, **kw):

@@ -10,9 +10,26 @@ from typing import Mapping
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..networks.delta import module_delta, split_by_module
-from ..networks.targets import TE_PREFIX, UNET_PREFIX, module_index
+from ..networks.targets import model_index
+
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+SDXL_MARKS = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+              "lora_unet_output_blocks_", "lora_unet_label_emb_")
+
+
+def lora_looks_sdxl(layers) -> bool:
+    """SDXL files name two text encoders (lora_te1_ / lora_te2_) and the U-Net by its sgm paths."""
+    return any(name.startswith(SDXL_MARKS) for name in layers)
+
+
+def _fits(tensors: Mapping[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    """Whether the layer's ΔW has the module's weight shape (SD 1.x and 2.x LoRAs share names, not shapes)."""
+    try:
+        return module_delta(tensors, module.weight.detach()).shape == module.weight.shape
+    except (RuntimeError, ValueError, KeyError, ConfigError):
+        return False
 
 
 class MergedLora:
@@ -23,15 +40,19 @@ class MergedLora:
 
     def __init__(self, model, tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA"):
         self.model = model
-        index = {**module_index(model.unet, "unet"), **module_index(model.text_encoder, "text_encoder")}
+        family = getattr(getattr(model, "info", None), "family", "sd1")
+        encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
+        index = model_index(model.unet, encoders, family)
         self.layers: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
+        modules = split_by_module(tensors)
+        if modules and lora_looks_sdxl(modules) != (family == "sdxl"):
+            theirs = "an SDXL" if family != "sdxl" else "an SD 1.x / 2.x"
+            raise ModelError(f"{name} is {theirs} LoRA but the base model is {FAMILY_LABELS.get(family, family)}; "
+                             f"a LoRA only fits the model family it was trained on")
         unknown = []
-        for layer, w in split_by_module(tensors).items():
-            if not layer.startswith((UNET_PREFIX + "_", TE_PREFIX + "_")):
-                unknown.append(layer)
-                continue
+        for layer, w in modules.items():
             module = index.get(layer)
-            if module is None:
+            if module is None or not _fits(w, module):
                 unknown.append(layer)
                 continue
             self.layers.append((module, w))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from ..errors import ConfigError, Interrupted, ModelError
+from .failed import FailedCell, bad_image_reason, failed_tile, is_nan_image, short_reason
 from .ranking import Ranking, ranking_from_record, table_text
 from .runs import EpochFile, RunInfo, open_run, trigger_word
 
@@ -41,6 +42,7 @@ class CompareGrid:
     infotext: str
     ranking: Ranking
     cells: list[list[list[Image.Image]]] = field(repr=False, default_factory=list)   # [prompt][epoch][weight]
+    failed: list[FailedCell] = field(default_factory=list)   # cells drawn as "failed" tiles, with the reason
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -50,7 +52,8 @@ class CompareGrid:
         """Everything but the pictures (an API adds the PNG as base64)."""
         return {"row_labels": self.row_labels, "col_labels": self.col_labels, "epochs": self.epochs,
                 "files": self.files, "weights": self.weights, "prompts": self.prompts, "seed": self.seed,
-                "infotext": self.infotext, "validation": self.ranking.to_dict()}
+                "infotext": self.infotext, "validation": self.ranking.to_dict(),
+                "failed": [f.to_dict() for f in self.failed]}
 
     def png_bytes(self) -> bytes:
         """The PNG with its text chunks, e.g. for an API answer in base64."""
@@ -201,6 +204,7 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
     done = 0
     cells: list[list[list[Image.Image]]] = [[[None] * len(weights) for _ in chosen] for _ in specs]
     base_images: list[Image.Image] | None = None
+    failed: list[FailedCell] = []
     try:
         for r, ef in enumerate(chosen):
             for c, w in enumerate(weights):
@@ -209,10 +213,8 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
                 if w == 0 and base_images is not None:
                     images = base_images                   # the base model: the same picture in every row
                 else:
-                    images = list(render(specs, ef, w))
-                    if len(images) != len(specs):
-                        raise ValueError(f"renderer gave {len(images)} images for {len(specs)} prompts")
-                    if w == 0:
+                    images = _render_cell(render, specs, ef, w, failed)
+                    if w == 0 and not any(f.epoch == ef.epoch and f.weight == 0 for f in failed):
                         base_images = images
                 for p, img in enumerate(images):
                     cells[p][r][c] = img
@@ -232,7 +234,30 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
     infotext = _infotext(specs[0], run, chosen, weights, seed, clip_skip, model, len(specs))
     return CompareGrid(image=image, row_labels=row_labels, col_labels=col_labels,
                        epochs=[ef.epoch for ef in chosen], files=[ef.path for ef in chosen], weights=weights,
-                       prompts=[s.prompt for s in specs], seed=seed, infotext=infotext, ranking=ranking, cells=cells)
+                       prompts=[s.prompt for s in specs], seed=seed, infotext=infotext, ranking=ranking, cells=cells,
+                       failed=failed)
+
+
+def _render_cell(render: Renderer, specs, ef: EpochFile, weight: float, failed: list[FailedCell]) -> list:
+    """One (epoch, weight) cell per prompt; a cell whose sampler raised or gave a NaN image becomes a "failed"
+    tile and an entry in `failed` (the rest of the grid is still drawn)."""
+    try:
+        images = list(render(specs, ef, weight))
+        if len(images) != len(specs):
+            raise ValueError(f"renderer gave {len(images)} images for {len(specs)} prompts")
+    except Interrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one cell's failure is shown in that cell
+        reason = short_reason(exc)
+        failed.extend(FailedCell(reason, ef.epoch, float(weight), s.prompt, ef.path) for s in specs)
+        return [failed_tile(s.size(), reason) for s in specs]
+    out = []
+    for spec, img in zip(specs, images):
+        if is_nan_image(img):
+            failed.append(FailedCell(bad_image_reason([img]) or "", ef.epoch, float(weight), spec.prompt, ef.path))
+            img = failed_tile(img.size, failed[-1].reason)
+        out.append(img)
+    return out
 
 
 def _load_base(run: RunInfo, device: str):

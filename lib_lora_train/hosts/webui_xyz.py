@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError, Interrupted, ModelError
+from .webui_xyz_cells import FAILED_ATTR, STATE_ATTR, guard_cells   # STATE_ATTR: what our axes wrote on a cell's p
 
 EPOCH_AXIS = "LoRA epoch"
 WEIGHT_AXIS = "LoRA weight"
@@ -37,7 +38,6 @@ XYZ_TITLE = "x/y/z plot"
 ADDNET_FILE = "additional_networks.py"
 ADDNET_MODEL, ADDNET_WEIGHT = "AddNet Model 1", "AddNet Weight 1"
 PROMPT_SR = "Prompt S/R"
-STATE_ATTR = "lora_train_xyz"        # what our axes wrote into one cell's p (a fresh dict per cell copy)
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 _TOKEN = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")
 
@@ -239,6 +239,7 @@ def register_axes(xyz_module: Any, loras_dir: Callable[[], str], *, networks: Ca
               cost=0.3, choices=index.stems),
         _axis(xyz_module, WEIGHT_AXIS, float, apply_weight, confirm=confirm_weight),
     ]
+    guard_cells(xyz_module)         # cells with our axes that fail show as "failed", not black
     options = xyz_module.axis_options
     for axis in axes:
         at = next((i for i, o in enumerate(options) if getattr(o, "label", None) == axis.label), None)
@@ -399,6 +400,9 @@ def run_compare_grid(webui_modules: Any, request: Any, *, stop: Optional[threadi
     p.is_api = True     # before script_args: the built-in seed/sampler scripts must not reset p from UI defaults
     p.scripts = runner
     p.script_args = tuple(full_script_args(runner, script, xyz_args))
+    guard_cells(find_xyz_module(m.scripts))
+    failed: list = []
+    setattr(p, FAILED_ATTR, failed)       # the cells' copies of p share this list
     guard = _StateGuard(m.shared.state, stop, progress)
     try:
         with _Busy(m, wait_s), guard:
@@ -427,4 +431,14 @@ def run_compare_grid(webui_modules: Any, request: Any, *, stop: Optional[threadi
         col_labels=_labels(x_opt, [float(w) for w in weights] if x_opt.type is float else list(x.values), p),
         epochs=[f.epoch for f in files], files=[f.path for f in files], weights=weights, prompt=prompt,
         seed=int(getattr(processed, "seed", request.seed)), infotext=str(infotexts[0] or ""), ranking=ranking,
-        method=method, interrupted=guard.interrupted, saved=saved, extra={"xyz_args": xyz_args})
+        method=method, interrupted=guard.interrupted, saved=saved, extra={"xyz_args": xyz_args},
+        failed=_placed(failed, files))
+
+
+def _placed(failed: list, files: Sequence[Any]) -> list:
+    """Failed cells with their epoch and file (known by the LoRA file stem in the cell's prompt)."""
+    by_stem = {f.name: f for f in files}
+    for cell in failed:
+        ef = by_stem.get(cell.file or "")
+        cell.epoch, cell.file = (ef.epoch, ef.path) if ef is not None else (None, cell.file)
+    return failed

@@ -180,6 +180,12 @@ class CompareSection:
         status = f"{state}: {len(res.epochs)} epochs x {len(res.weights)} weights, seed {res.seed}, {seconds:.0f} s"
         if res.saved:
             status += f"; saved in {res.saved}"
+        failed = list(getattr(res, "failed", None) or [])
+        if failed:
+            where = ", ".join(sorted({f"epoch {f.epoch} × {f.weight:g}" for f in failed
+                                      if f.epoch is not None and f.weight is not None}))
+            status += (f"\n{len(failed)} cells failed (grey tiles{': ' + where if where else ''}): "
+                       f"{failed[0].reason}")
         return {"status": status, "image": res.image, "labels": "\n".join(lines), "table": table_rows(res.ranking),
                 "explanation": res.ranking.explanation}
 
