@@ -179,3 +179,36 @@ def test_live_merge_view_of_an_sdxl_model_uses_the_checkpoint_keys(tmp_path, tin
     with torch.no_grad():
         view[key].add_(1.0)
     assert torch.equal(live_state_dict(ns.shared.sd_model)[key], view[key])
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_live_merge_into_the_loaded_model_and_restore_exactly(tmp_path, tiny_sds, family):
+    """The Tools section's "Load into the live model" on SD 2.x / SDXL: the family's LoRA changes the U-Net and the
+    text encoders (OpenCLIP's fused in_proj too), restore gives the bits back; an SD 1.x LoRA is refused with the
+    tools' message and changes nothing."""
+    from lib_lora_train.errors import LoraTrainError
+    from lib_lora_train.hosts.live_merge import LiveMerger
+    from lib_lora_train.models import load_sd_model, tiny_sd1_state_dict
+    from lib_lora_train.networks import save_network_file
+    from test_compare_families import _random_lora
+
+    w, ns = webui_for(tmp_path, family, tiny_sds)
+    host, sd_model = WebUIHost(w), ns.shared.sd_model
+    clean = snapshot(sd_model)
+    fam = EXPECTED[family][0]
+    lora, other = tmp_path / "mine.safetensors", tmp_path / "sd1.safetensors"
+    versions = {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}      # what a trained file says (ss_base_model_version)
+    save_network_file(str(lora), _random_lora(load_sd_model(tiny_sds[family]), fam, 4),
+                      {"ss_base_model_version": versions[fam]})
+    save_network_file(str(other), _random_lora(load_sd_model(tiny_sd1_state_dict(seed=0)), "sd1", 5),
+                      {"ss_base_model_version": "sd_v1"})
+    merger = LiveMerger(lambda: host.live_model)
+    handle = merger.apply([str(lora)], [1.0], None)
+    changed = same_as(sd_model, clean)
+    assert any(k.startswith("model.diffusion_model.") for k in changed)
+    assert any(k.endswith("attn.in_proj_weight") for k in changed)          # OpenCLIP's q/k/v
+    merger.restore(handle)
+    assert same_as(sd_model, clean) == []
+    with pytest.raises(LoraTrainError, match="family|SD 1"):
+        merger.apply([str(other)], [1.0], None)
+    assert same_as(sd_model, clean) == []
