@@ -82,3 +82,16 @@ def test_model_info_properties_are_used_when_present():
     meta = metadata(TrainConfig(output_name="x", resolution=None), custom)
     assert (meta["modelspec.architecture"], meta["modelspec.implementation"], meta["modelspec.resolution"]) == \
         ("my-arch/lora", "mine", "640x640")
+
+
+def test_sdxl_keys_equal_sd_scripts_real_output():
+    """tests/data/sdscripts_sdxl_metadata_keys.txt: the metadata keys of an SDXL LoRA written by sd-scripts
+    48d368fa's sdxl_train_network.py in folder mode (no optional modelspec fields given)."""
+    from pathlib import Path
+
+    reference = set((Path(__file__).parent / "data" / "sdscripts_sdxl_metadata_keys.txt").read_text().split())
+    model_info = SimpleNamespace(**{**vars(FAMILIES["sdxl"][0]), "sha256": "0" * 64, "legacy_hash": "0" * 8})
+    ours = set(metadata(TrainConfig(output_name="x", resolution="64,64"), model_info))
+    # sshs_* are added when the file is written (networks.io.save_network_file)
+    assert ours == {k for k in reference if not k.startswith("sshs_")}
+    assert {"sshs_model_hash", "sshs_legacy_hash"} <= reference

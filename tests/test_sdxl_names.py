@@ -185,3 +185,18 @@ def test_sd2_names_are_diffusers_names_with_linear_projections():
 
 def test_sdxl_unet_config_is_what_the_names_assume():
     assert TINY_SDXL_UNET["addition_embed_type"] == "text_time"
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_full_size_sdxl_names_equal_sd_scripts_real_output(full_sdxl):
+    """tests/data/sdscripts_sdxl_lierla_modules.txt: the module names of a LoRA written by sd-scripts 48d368fa's
+    sdxl_train_network.py (networks.lora, dim 4) on a full-size SDXL checkpoint with random weights."""
+    unet, tes = full_sdxl
+    te1, te2, un = targets(unet, tes, "lierla")
+    ours = {t.name for t in te1 + te2 + un}
+    reference = set((DATA / "sdscripts_sdxl_lierla_modules.txt").read_text().split())
+    assert len(reference) == 986
+    assert ours == reference
+
