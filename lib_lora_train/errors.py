@@ -24,3 +24,7 @@ class Interrupted(LoraTrainError):
 class TrainingFailed(LoraTrainError):
     """The run stopped for a reason the user can act on (diverged loss, out of memory, disk full); the message
     says which setting to change. Files already saved are kept (CLI exit code 1)."""
+
+
+class DiskFull(LoraTrainError):
+    """A write failed because the disk is full; what was written before is complete, nothing partial is left."""

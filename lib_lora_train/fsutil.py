@@ -11,10 +11,12 @@ import tempfile
 from typing import Any, Callable
 
 # Fault injection for the fault tests (tests/test_faults_*.py), read here and nowhere else:
-# LORA_TRAIN_FAULT="<action>@<point pattern>[;...]", e.g. "kill@write:*-000002.safetensors" or "enospc@state:*".
+# LORA_TRAIN_FAULT="<action>@<point pattern>[#n][;...]", e.g. "kill@write:*-000002.safetensors" or "enospc@state:*"
+# ("#n": at the n-th time only).
 # Points: write:<file name> (inside atomic_write, after the temporary file is written, before the rename),
 # state:<folder name> (in the middle of a state save), step:<n> (before training step n), and what callers add.
 FAULT_ENV = "LORA_TRAIN_FAULT"
+_fault_hits: dict[str, int] = {}
 
 
 def fault_point(where: str) -> None:
@@ -28,7 +30,11 @@ def fault_point(where: str) -> None:
         return
     for rule in spec.split(";"):
         action, _, pattern = rule.strip().partition("@")
+        pattern, _, nth = pattern.partition("#")          # "#3": only at the 3rd time this point is reached
         if not pattern or not fnmatch.fnmatchcase(where, pattern):
+            continue
+        _fault_hits[rule] = _fault_hits.get(rule, 0) + 1
+        if nth and _fault_hits[rule] != int(nth):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -6,6 +6,7 @@ is skipped with its reason and the others go on.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -17,7 +18,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..dataset.images import ORIENTATION_OPS, TRANSPOSED_ORIENTATIONS, exif_orientation, resize_filter
-from ..errors import ConfigError
+from ..errors import ConfigError, DiskFull
 from ..fsutil import atomic_write, atomic_write_bytes
 from .crop import (SIZE_STEP, FocalHook, apply_focal_hook, bucket_geometry, center_offset, cover_geometry,
                    focal_offset)
@@ -27,6 +28,7 @@ from .imageio import (BACKGROUNDS, DEFAULT_MAX_PIXELS, MIN_SHORT_SIDE, ImageProb
 from .parallel import resolve_workers, run_jobs
 
 MODES = ("bucket", "center", "focal")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 FLIP_SUFFIX = "_flip"
 MANIFEST = ".preprocess_outputs.json"   # which source each output came from (hidden: training skips it)
@@ -306,6 +308,8 @@ def _process(job: _Job, hook: FocalHook | None = None) -> PreprocessItem:
     except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
         item.status, item.code = "skipped", "error"
         item.reason = f"could not be processed ({type(exc).__name__}: {exc})"
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:   # not this file's fault: preprocess() stops
+            item.code, item.reason = "disk_full", f"could not be written: the disk is full ({exc.strerror})"
     if item.status != "ok":
         item.outputs, item.notes = [], [n for n in item.notes if not n.startswith("upscaled")]
     return item
@@ -373,4 +377,10 @@ def preprocess(src: str | Sequence[str], out_dir: str, options: PreprocessOption
     items = run_jobs(fn, jobs, workers=n, start_method=opts.start_method, on_result=on_result, stop=stop,
                      on_lost=_lost)
     _save_manifest(out_dir, items, opts.caption_extension)
+    full = [it for it in items if it.code == "disk_full"]
+    if full:
+        ok = sum(it.status == "ok" for it in items)
+        raise DiskFull(f"the disk is full: {len(full)} of {len(items)} images could not be written to {out_dir} "
+                       f"({ok} were, completely; no partial file is left and the originals are untouched). Free "
+                       f"some space and run preprocess again")
     return PreprocessResult(out_dir, items, o, time.perf_counter() - t0, n)
