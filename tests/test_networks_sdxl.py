@@ -118,3 +118,20 @@ def test_sdxl_block_weight_training(models):
     sd1_cfg = network_config_from_args("networks.lora", 4, 1, ["block_dims=" + ",".join(["1"] * 25)])
     with pytest.raises(ConfigError, match="SDXL"):
         create_network(sd1_cfg, unet, tes)
+
+
+@pytest.mark.parametrize("module,args", [
+    ("lycoris.kohya", ["algo=loha"]), ("lycoris.kohya", ["algo=lokr", "factor=4"]),
+    ("lycoris.kohya", ["algo=ia3"]), ("networks.dylora", ["unit=2"]), ("lycoris.kohya", ["algo=lora"])])
+def test_other_network_types_on_sdxl_round_trip(models, module, args):
+    unet, tes = models
+    cfg = network_config_from_args(module, 4, 1, args, family="sdxl")
+    net = create_network(cfg, unet, tes)
+    assert any(n.startswith("lora_te2_") for n in net.names)
+    assert any(n.startswith("lora_unet_output_blocks_") for n in net.names)
+    _randomise(net)
+    tensors = net.save_tensors()
+    fresh = create_network(cfg, unet, tes)
+    fresh.load_tensors(tensors)
+    for k, v in fresh.save_tensors().items():
+        assert torch.equal(v, tensors[k]), k

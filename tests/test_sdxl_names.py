@@ -200,3 +200,20 @@ def test_full_size_sdxl_names_equal_sd_scripts_real_output(full_sdxl):
     assert len(reference) == 986
     assert ours == reference
 
+
+
+def test_full_size_sd2_module_sets():
+    """SD 2.x: sd-scripts' SD1 rules on SD2's shapes: TE 23 layers x 6 = 138, U-Net 16 transformers x 12 = 192
+    (Linear proj_in / proj_out), C3Lier adds the same convs as SD1."""
+    from tiny_sdxl import sd2_meta
+
+    unet, te = sd2_meta()
+    te_t = find_targets(te, "text_encoder", "lierla", family="sd2")
+    un = find_targets(unet, "unet", "lierla", family="sd2")
+    assert (len(te_t), len(un)) == (138, 192)
+    assert {t.name for t in te_t} == expected_te("lora_te", 23)
+    proj_in = next(t for t in un if t.name == "lora_unet_down_blocks_0_attentions_0_proj_in")
+    assert isinstance(proj_in.module, torch.nn.Linear)
+    c3 = find_targets(unet, "unet", "c3lier", family="sd2")
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv" in {t.name for t in c3}
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv" in {t.name for t in c3}

@@ -155,6 +155,17 @@ def test_sdxl_block_weights_in_merge():
                            before["model.diffusion_model.input_blocks.5.1.proj_in.weight"])
     te_keys = [k for k in sd if k.startswith("conditioner.")]
     assert all(torch.equal(sd[k], before[k]) for k in te_keys)
+    # 20-value SDXL vector (BASE, IN00..IN08, M00, OUT00..OUT08): OUT02 off leaves the first up-block's last layer
+    from lib_lora_train.tools.blocks import parse_block_weights
+    w20 = parse_block_weights(",".join(["1"] * 13 + ["0"] + ["1"] * 6), family="sdxl")
+    assert w20[16] == 0.0 and sum(w20) == 25          # LBW26 index 16 = OUT02
+    sd2 = sdxl_checkpoint(unet, tes)
+    ref = {k: v.clone() for k, v in sd2.items()}
+    merge_into_state_dict(sd2, [LoraInput(tensors, block_weights=list(w20))], merge_dtype=torch.float64)
+    out2 = [k for k in sd2 if k.startswith("model.diffusion_model.output_blocks.2.")]
+    assert out2 and all(torch.equal(sd2[k], ref[k]) for k in out2)
+    assert not torch.equal(sd2["model.diffusion_model.output_blocks.1.1.proj_in.weight"],
+                           ref["model.diffusion_model.output_blocks.1.1.proj_in.weight"])
     with pytest.raises(Exception, match="SDXL LoRA takes 12 values"):
         merge_into_state_dict(sd, [LoraInput(tensors, block_weights=",".join(["1"] * 17))])
 

@@ -162,3 +162,18 @@ def sd2_checkpoint(unet, te) -> dict:
     sd.update({"cond_stage_model.model." + k: v for k, v in openclip_state_dict(te, extra_layers=1).items()})
     sd["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 4, 3, 3)
     return sd
+
+
+SD2_UNET = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), sample_size=96,
+                use_linear_projection=True)
+SD2_TE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+              max_position_embeddings=77, hidden_act="gelu")
+
+
+def sd2_meta():
+    """(unet, te) of full-size SD 2.x (768-v shapes; the text encoder as sd-scripts builds it: 23 layers)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD2_UNET), CLIPTextModel(CLIPTextConfig(**SD2_TE))
