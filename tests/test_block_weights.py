@@ -193,3 +193,17 @@ def test_training_with_block_weights_saves_per_block_ranks_and_logs_block_groups
     assert lrs["unet_block24"] == pytest.approx(1e-3 * 1.5)
     assert lrs["unet_block16"] == pytest.approx(1e-3 * (0.5 + 3 / 11))
     assert "unet_block12" not in lrs and "text_encoder" in lrs
+
+
+def test_sdxl_lbw_vectors_and_auto_family():
+    from lib_lora_train.tools.blocks import LBW26, parse_block_weights
+
+    w12 = parse_block_weights("0,1,0.5,1,1,1,1,1,1,1,1,0", family="sdxl")
+    assert len(w12) == 26 and w12[0] == 0 and w12[LBW26.index("IN05")] == 0.5 and w12[LBW26.index("OUT05")] == 0
+    assert w12[LBW26.index("IN00")] == 1.0                         # unlisted blocks: 1, as svd_merge_lora
+    assert parse_block_weights("INALL", family="sdxl")[LBW26.index("OUT00")] == 0
+    assert parse_block_weights(",".join(["1"] * 20), family="auto")[LBW26.index("OUT08")] == 1
+    assert parse_block_weights("0,1,0.5,1,1,1,1,1,1,1,1,0", family="auto") == w12
+    assert parse_block_weights("ALL", family="auto") == parse_block_weights("ALL")
+    with pytest.raises(ConfigError, match="SDXL LoRA takes 12 values"):
+        parse_block_weights(",".join(["1"] * 17), family="sdxl")

@@ -213,9 +213,15 @@ def parse_block_weights(spec: str | Sequence[float] | None, *, what: str = "bloc
 
     spec: a preset name (ALL, INALL, MIDD, OUTALL, ... case-insensitive), "1,0,0.5,..." / "[1, 0, ...]", or a
     sequence of numbers: 17 or 26 values for SD 1.x / 2.x, 12, 20 or 26 for SDXL (see the module docstring).
+    family "auto" (the LoRA's family not known yet, e.g. checking a form): any of those lengths, the length
+    telling the family; preset names then give the SD 1.x vectors.
     """
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         return None
+    if family == "auto":
+        is_preset = isinstance(spec, str) and spec.strip().upper() in {k.upper() for k in LBW_PRESETS}
+        n = 17 if is_preset else len(_numbers(spec, what) if isinstance(spec, str) else list(spec))
+        family = "sdxl" if n in SDXL_LBW_LENGTHS else "sd1"
     sdxl = family == "sdxl"
     presets = LBW_PRESETS_SDXL if sdxl else LBW_PRESETS
     if isinstance(spec, str):
