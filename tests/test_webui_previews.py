@@ -258,3 +258,36 @@ def test_preview_settings_are_checked_with_the_config():
     for bad in ({"sample_weight": 9}, {"sample_weight": float("nan")}, {"sample_clip_skip": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             config_from_dict(bad)
+
+
+def test_an_sdxl_run_makes_its_previews_with_the_webui_and_leaves_the_model_bit_identical(tmp_path):
+    """The same on the WebUI's loaded SDXL model: the LoRA (lora_te1_ / lora_te2_ / sgm U-Net names, as the
+    WebUI's Lora extension reads them) goes through its txt2img, and the model comes back bit for bit."""
+    w, ns = make_webui(tmp_path, family="sdxl")
+    w.processing = ProcessingStandIn(ns)
+    host = WebUIHost(w)
+    jobs = JobManager(host)
+    proj = create_project(host.paths.project_dir("toy"), "toy", trigger="zkz")
+    src = make_toy_dataset(tmp_path / "src", n_images=2)
+    shutil.move(str(src / "10_zkz"), os.path.join(proj.train_dir, "1_zkz"))
+    prompts = os.path.join(host.paths.project_dir("toy"), "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("zkz --w 64 --h 64 --s 2 --d 7\n")
+    before = snapshot(ns.shared.sd_model)
+    seen = []
+
+    def process(p):
+        lora = os.path.join(host.lora_dir(), "toy", "sample", ".preview-toy.safetensors")
+        tensors, meta = read_network_file(lora)
+        encoders = sorted({k.split("_")[1] for k in tensors if k.startswith("lora_te")})
+        seen.append((encoders, meta["ss_base_model_version"]))
+        return original(p)
+    original, w.processing.process_images = w.processing.process_images, process
+    job = jobs.wait(jobs.submit("toy", {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2,
+                                        "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "seed": 1,
+                                        "cache_latents": True, "sample_prompts": prompts,
+                                        "sample_every_n_epochs": 1}).id, timeout=300)
+    assert job.status == "done", job.error
+    assert [p.prompt for p in w.processing.calls] == ["zkz <lora:.preview-toy:1>"]
+    assert seen == [(["te1", "te2"], "sdxl_base_v1-0")]
+    assert same_as(ns.shared.sd_model, before) == [] and ns.networks.loaded_networks == []
