@@ -20,7 +20,9 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi import params as fastapi_params
 from pydantic import BaseModel, Field
 
+from .api_workflow import Strict, build_workflow_router, limit_json_body
 from .errors import LoraTrainError
+from .safenames import check_name
 from .jobs import Job, JobConflict, JobManager, ProjectNotFound
 from .record import RECORD_SUFFIX, read_run_record
 
@@ -99,7 +101,7 @@ class RunInfo(BaseModel):
     log: Optional[List[str]] = Field(None, description="Log lines of this server's job (only with ?log=true)")
 
 
-class RunRequest(BaseModel):
+class RunRequest(Strict):
     project: str = Field(..., description="Name of an existing project (see GET projects)")
     config: Dict[str, Any] = Field(
         default_factory=dict,
@@ -278,6 +280,7 @@ class LoraTrainAPI:
     def _check_project(self, project: str) -> None:
         from .hosts.base import safe_child
         try:
+            check_name(project, "project")
             has_project = os.path.isdir(self.paths.project_dir(project))
             has_outputs = os.path.isdir(safe_child(self.paths.loras, project, what="project"))
         except LoraTrainError as exc:
@@ -329,6 +332,7 @@ class LoraTrainAPI:
 
     def start(self, request: RunRequest) -> RunCreated:
         try:
+            check_name(request.project, "project")    # taken as given: " star" is not mapped onto "star"
             job = self.jobs.submit(request.project, dict(request.config or {}))
         except ProjectNotFound as exc:
             raise HTTPException(404, str(exc)) from None
@@ -347,6 +351,20 @@ class LoraTrainAPI:
         if not job.active:
             raise HTTPException(409, f"run '{run_id}' is already {job.status}; there is nothing to stop")
         return _from_job(self.jobs.stop(job.id))
+
+    def delete_files(self, run_id: str) -> List[str]:
+        """Delete one past run's files inside its project's output folder (the tab's History delete)."""
+        from .ui.history import delete_run
+        job, past = self.find(run_id)
+        info = _from_job(job) if job is not None else past
+        if job is not None and job.active:
+            raise HTTPException(409, f"run '{run_id}' is {job.status}; stop it first")
+        if not info.output_dir or not info.output_name:
+            raise HTTPException(409, f"run '{run_id}' has no files yet")
+        try:
+            return delete_run(info.output_dir, info.output_name)
+        except LoraTrainError as exc:
+            raise HTTPException(400, str(exc)) from None
 
 
 def _record_curve(record_path: str) -> List[StepValue]:
@@ -369,7 +387,8 @@ def _as_dependencies(dependencies: Optional[Sequence[Any]]) -> List[Any]:
 def build_router(jobs: JobManager, *, dependencies: Optional[Sequence[Any]] = None) -> APIRouter:
     """The API's routes (without a prefix) on one router carrying the host's `dependencies`."""
     api = LoraTrainAPI(jobs)
-    router = APIRouter(dependencies=_as_dependencies(dependencies), tags=[TAG])
+    router = APIRouter(dependencies=_as_dependencies(dependencies) + _as_dependencies([limit_json_body]),
+                       tags=[TAG])
 
     @router.get("/projects", response_model=List[ProjectInfo], summary="List dataset projects")
     def get_projects() -> List[ProjectInfo]:
@@ -403,6 +422,21 @@ def build_router(jobs: JobManager, *, dependencies: Optional[Sequence[Any]] = No
         (`state_dir`) and the last finished epoch's file, and ends as `interrupted`. 409 when already finished."""
         return api.stop(run_id)
 
+    @router.get("/runs/{run_id}/outputs", response_model=List[OutputInfo], summary="A run's LoRA files",
+                responses=_errors(404))
+    def get_outputs(run_id: str) -> List[OutputInfo]:
+        """The LoRA files a run wrote (names as the WebUI lists them), with their card files."""
+        return api.run(run_id).outputs
+
+    @router.delete("/runs/{run_id}/files", response_model=List[str], summary="Delete a run's files",
+                   responses=_errors(400, 404, 409))
+    def delete_files(run_id: str) -> List[str]:
+        """Delete only this run's files (LoRAs, cards, samples, states, record) in its project's output folder;
+        409 while it is queued or running."""
+        return api.delete_files(run_id)
+
+    from .interop.api import add_import_route
+    add_import_route(router)   # POST /import: another trainer's settings -> {config, report}
     return router
 
 
@@ -412,6 +446,8 @@ def mount(app: Any, jobs: JobManager, *, prefix: str = PREFIX,
     WebUI's --api-auth check)."""
     router = build_router(jobs, dependencies=dependencies)
     app.include_router(router, prefix=prefix.rstrip("/"))
+    deps = _as_dependencies(dependencies) + _as_dependencies([limit_json_body])
+    app.include_router(build_workflow_router(jobs, deps), prefix=prefix.rstrip("/"))
     app.openapi_schema = None   # a schema cached before (someone opened /docs early) would hide the new routes
     return router
 

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_ui(sub)
     from .compare.cli import register as register_compare
     register_compare(sub)
+    from .interop.cli import register as register_interop
+    register_interop(sub)
     return p
 
 

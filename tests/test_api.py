@@ -112,7 +112,7 @@ def test_openapi_documents_the_routes(template, tmp_path):
     spec = env.client.get("/openapi.json").json()
     paths = spec["paths"]
     assert {p for p in paths if p.startswith(V1)} == {f"{V1}/projects", f"{V1}/runs", f"{V1}/runs/{{run_id}}",
-                                                       f"{V1}/runs/{{run_id}}/stop"}
+                                                       f"{V1}/runs/{{run_id}}/stop", f"{V1}/import"}
     assert set(paths[f"{V1}/runs"]) == {"get", "post"} and set(paths[f"{V1}/runs/{{run_id}}/stop"]) == {"post"}
     assert "409" in paths[f"{V1}/runs/{{run_id}}/stop"]["post"]["responses"]
     schemas = spec["components"]["schemas"]

@@ -4,19 +4,51 @@ import pytest
 from lib_lora_train.config import config_from_dict
 from lib_lora_train.errors import ConfigError
 from lib_lora_train.networks.config import network_config_from_args
-from lib_lora_train.ui.presets import (FIELDS, FORM_KEYS, NETWORK_TYPES, PRESETS, apply_preset, config_to_form,
-                                       default_values, form_to_config)
+from lib_lora_train.ui.presets import (FIELDS, FORM_KEYS, NETWORK_TYPES, apply_preset, config_to_form,
+                                       default_values, extra_from_config, form_preset, form_to_config, parse_extra,
+                                       preset_names)
 
 
 def test_presets_in_plain_numbers():
-    assert PRESETS["character"]["network_dim"] == 32 and PRESETS["character"]["network_alpha"] == 32
-    assert PRESETS["character"]["clip_skip"] == 2 and PRESETS["character"]["repeats"] == 10
-    assert PRESETS["style"]["network_dim"] == 128
-    assert set(PRESETS) == {"character", "style", "concept"}
+    character = form_preset("character")
+    assert character["network_dim"] == 32 and character["network_alpha"] == 32
+    assert character["clip_skip"] == 2 and character["repeats"] == 10
+    assert form_preset("style")["network_dim"] == 128
+    assert preset_names("sd1")[:3] == ["character", "style", "concept"] and "sdxl-8gb" not in preset_names("sd1")
+    assert {"sdxl-8gb", "sdxl-12gb"} <= set(preset_names("sdxl"))
     v = apply_preset(default_values(), "style")
     assert v["network_dim"] == 128 and v["seed"] == 42          # fields outside the preset are kept
     with pytest.raises(ConfigError, match="preset"):
         apply_preset(v, "landscape")
+
+
+def test_family_presets_in_the_form():
+    v = default_values(family="sdxl")
+    assert v["resolution"] == 1024 and v["network_alpha"] == 16 and v["presets"] == "character"
+    assert default_values(family="sd2")["resolution"] == 768
+    v = apply_preset(v, "sdxl-8gb", "sdxl")
+    assert v["presets"] == "character+sdxl-8gb" and v["optimizer_type"] == "Adafactor" and v["text_encoder_lr"] == 0
+    cfg, _ = form_to_config(v)
+    assert cfg["preset"] == ["character", "sdxl-8gb"] and cfg["network_train_unet_only"] is True
+    full = config_from_dict(dict(cfg, sdxl=True))                 # the preset's other options reach the run
+    assert full.fp8_base and full.cache_text_encoder_outputs and full.gradient_checkpointing
+    assert full.optimizer_type == "Adafactor" and full.resolution == "1024"
+    v = apply_preset(v, "style", "sdxl")                          # a purpose preset replaces the purpose only
+    assert v["presets"] == "style+sdxl-8gb"
+
+
+def test_other_options_field():
+    v = default_values()
+    v["extra_options"] = "min_snr_gamma = 5\nnoise_offset = 0.05\n"
+    cfg, _ = form_to_config(v)
+    assert cfg["min_snr_gamma"] == 5 and cfg["noise_offset"] == 0.05
+    assert parse_extra(extra_from_config({"min_snr_gamma": 5.0, "network_dim": 8})) == {"min_snr_gamma": 5.0}
+    v["extra_options"] = "network_dim = 4"
+    with pytest.raises(ConfigError, match="own field"):
+        form_to_config(v)
+    v["extra_options"] = "min_snr_gamma = five"
+    with pytest.raises(ConfigError, match="Other sd-scripts options"):
+        form_to_config(v)
 
 
 def test_every_field_explains_itself():
@@ -27,7 +59,7 @@ def test_every_field_explains_itself():
 
 def test_defaults_take_the_hosts_resolution():
     assert default_values({"resolution": "64"})["resolution"] == 64
-    assert default_values({})["resolution"] == 512
+    assert default_values({})["resolution"] == 512 and default_values({}, family="sdxl")["resolution"] == 1024
     assert default_values({}, "style")["network_dim"] == 128
 
 

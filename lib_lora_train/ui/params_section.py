@@ -10,7 +10,9 @@ from ..record import list_runs
 from . import form_store
 from .common import get_project
 from .context import Result, UIContext
-from .presets import FIELDS, FORM_KEYS, PRESET_WORDS, PRESETS, apply_preset, default_values, form_to_config
+from .presets import FIELDS, FORM_KEYS, apply_preset, default_values, form_preset, form_to_config, preset_names, \
+    preset_words
+from .settings_io import export_sd_scripts, import_upload, model_family
 
 ESTIMATE_KEYS = ["steps_text", "eta_text"]
 
@@ -22,9 +24,18 @@ def values_of(args: tuple | list) -> dict[str, Any]:
 def form_for_project(ctx: UIContext, project) -> dict[str, Any]:
     """The saved form of a project over the defaults of its purpose."""
     saved = form_store.load_form(project.root)
-    values = default_values(ctx.host.base_config(), saved.get("purpose") or project.purpose)
+    values = default_values(ctx.host.base_config(), saved.get("purpose") or project.purpose, model_family(ctx))
     values.update({k: v for k, v in saved.items() if k in FORM_KEYS})
     return values
+
+
+def native_resolution(ctx: UIContext) -> int:
+    """The loaded model's training size (Host.native_resolution(); 512 for hosts that cannot tell)."""
+    fn = getattr(ctx.host, "native_resolution", None)
+    try:
+        return int(fn()) if callable(fn) else 512
+    except Exception:   # noqa: BLE001 - no model loaded yet: the SD 1.x size
+        return 512
 
 
 def _main_folder(project):
@@ -109,8 +120,9 @@ def changed(ctx: UIContext, project_name: str | None, *args: Any) -> Result:
 
 
 def preset(ctx: UIContext, project_name: str | None, name: str, *args: Any) -> Result:
-    values = apply_preset(values_of(args), name)
-    out: Result = {k: values[k] for k in PRESETS[name]}
+    family = model_family(ctx)
+    values = apply_preset(values_of(args), name, family)
+    out: Result = {k: values[k] for k in list(form_preset(name, family)) + ["presets"]}
     if project_name:
         form_store.save_form(get_project(ctx, project_name).root, dict(values, preset=name))
     out.update(estimate(ctx, project_name, values))
@@ -121,7 +133,7 @@ def form_view(ctx: UIContext, project) -> Result:
     values = form_for_project(ctx, project)
     out: Result = {k: values[k] for k in FORM_KEYS}
     saved = form_store.load_form(project.root)
-    if saved.get("preset") in PRESETS:
+    if saved.get("preset") in preset_names(model_family(ctx)):
         out["preset"] = saved["preset"]
     out.update(estimate(ctx, project.name, values))
     return out
@@ -151,27 +163,41 @@ LAYOUT = (("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alp
           ("repeats", "max_train_epochs", "save_every_n_epochs", "train_batch_size"),
           ("unet_lr", "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps"),
           ("resolution", "enable_bucket", "clip_skip", "shuffle_caption", "keep_tokens"),
-          ("sample_prompts", "sample_every_n_epochs", "seed", "output_name"))
+          ("sample_prompts", "sample_every_n_epochs", "seed", "output_name"),
+          ("presets", "extra_options"))
 
 
 def build(ctx: UIContext) -> None:
     import gradio as gr
     assert sorted(k for row in LAYOUT for k in row) == sorted(FORM_KEYS)
     by_key = {f.key: f for f in FIELDS}
-    initial = default_values(ctx.host.base_config())
+    family = model_family(ctx)
+    base = dict(ctx.host.base_config())
+    base.setdefault("resolution", native_resolution(ctx))
+    initial = default_values(base, None, family)
     add = ctx.add
     add("base_model", gr.Textbox(label="Base model", value=ctx.host.checkpoint_label(), interactive=False,
                                  elem_id="lora_train_base_model"))
-    add("preset", gr.Radio(label="Preset", choices=list(PRESETS), value=None, elem_id="lora_train_preset",
+    add("preset", gr.Radio(label="Preset", choices=preset_names(family), value=None, elem_id="lora_train_preset",
                            info="Fills in the fields below for what you train; change any of them afterwards"))
-    for line in PRESET_WORDS:
+    for line in preset_words(family):
         gr.Markdown(line)
+    with gr.Row():
+        add("import_file", gr.File(label="Import settings", file_types=[".json", ".toml", ".ps1", ".sh"],
+                                   elem_id="lora_train_import_file"))
+        add("import_report", gr.Textbox(label="Import report", lines=6, max_lines=30, interactive=False,
+                                        elem_id="lora_train_import_report"))
     for row in LAYOUT:
         with gr.Row():
             for key in row:
                 add(key, _component(by_key[key], initial[key]))
     add("steps_text", gr.Textbox(label="Steps", interactive=False, elem_id="lora_train_steps"))
     add("eta_text", gr.Textbox(label="Estimated time", interactive=False, elem_id="lora_train_eta"))
+    with gr.Row():
+        add("export_button", gr.Button("Export for sd-scripts", elem_id="lora_train_export"))
+        add("export_file", gr.File(label="sd-scripts config", interactive=False, elem_id="lora_train_export_file"))
+    add("export_text", gr.Textbox(label="sd-scripts command", lines=3, interactive=False,
+                                  elem_id="lora_train_export_text"))
 
 
 def wire(ctx: UIContext) -> None:
@@ -180,4 +206,7 @@ def wire(ctx: UIContext) -> None:
     for key in FORM_KEYS:
         ctx.on(c[key].input, changed, inputs, ESTIMATE_KEYS, show_progress="hidden")
     ctx.on(c["preset"].input, preset, ["project", "preset"] + list(FORM_KEYS), list(FORM_KEYS) + ESTIMATE_KEYS)
+    ctx.on(c["import_file"].upload, import_upload, ["project", "import_file"] + list(FORM_KEYS),
+           list(FORM_KEYS) + ["import_report"])
+    ctx.on(c["export_button"].click, export_sd_scripts, ["project"] + list(FORM_KEYS), ["export_file", "export_text"])
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..presets import FAMILIES, NATIVE_RESOLUTION, all_presets, split_names
 from ..training.optim import OPTIMIZER_NAMES
 from ..training.schedulers import SCHEDULER_NAMES
 
@@ -87,36 +88,79 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", "int", "Seed", "The same seed and settings give the same result", 42, minimum=0),
     Field("output_name", "text", "Output name",
           "File name of the LoRA; empty uses the project name, numbered when taken", ""),
+    Field("presets", "text", "Presets applied",
+          "Their options without a field here also apply, e.g. character+sdxl-8gb; the fields above win", ""),
+    Field("extra_options", "textarea", "Other sd-scripts options",
+          "One per line as in a TOML file, e.g. min_snr_gamma = 5; filled by Import settings", ""),
 )
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
 FORM_KEYS = tuple(f.key for f in FIELDS)
 
-# Presets in plain words. Only these keys change; the rest of the form stays as the user set it.
-PRESETS: dict[str, dict[str, Any]] = {
-    "character": {"network_type": "LoRA", "network_dim": 32, "network_alpha": 32.0, "clip_skip": 2, "repeats": 10,
-                  "max_train_epochs": 10, "save_every_n_epochs": 2, "train_batch_size": 2, "unet_lr": 1e-4,
-                  "text_encoder_lr": 5e-5, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
-                  "lr_warmup_steps": 0, "shuffle_caption": True, "keep_tokens": 1},
-    "style": {"network_type": "LoRA", "network_dim": 128, "network_alpha": 64.0, "clip_skip": 2, "repeats": 5,
-              "max_train_epochs": 10, "save_every_n_epochs": 2, "train_batch_size": 2, "unet_lr": 1e-4,
-              "text_encoder_lr": 5e-5, "optimizer_type": "AdamW", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-              "shuffle_caption": True, "keep_tokens": 0},
-    "concept": {"network_type": "LoRA", "network_dim": 64, "network_alpha": 32.0, "clip_skip": 1, "repeats": 8,
-                "max_train_epochs": 12, "save_every_n_epochs": 2, "train_batch_size": 2, "unet_lr": 1e-4,
-                "text_encoder_lr": 5e-5, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
-                "lr_warmup_steps": 0, "shuffle_caption": True, "keep_tokens": 1},
-}
-PRESET_WORDS = (
-    "Character: a person or character, dim 32, alpha 32, clip skip 2, about 10 repeats, 20 to 50 images.",
-    "Style: an art style, dim 128 to hold more detail, fewer repeats over 50 to 80 images.",
-    "Concept: an object, pose or idea, dim 64, clip skip 1, about 8 repeats.",
-)
+# The presets themselves are data (lib_lora_train/presets, shared with the CLI and the API); here they become form
+# values. Their options without a form field reach the run through the "presets" field (form_to_config).
 
 
-def default_values(base_config: dict[str, Any] | None = None, purpose: str | None = None) -> dict[str, Any]:
-    """The form a new project starts with: field defaults, its purpose's preset, the host's resolution."""
+def _family(family: str | None) -> str:
+    return family if family in FAMILIES else "sd1"
+
+
+def preset_names(family: str | None = None) -> list[str]:
+    """The presets offered for a model family (built-in and the user's), purpose presets first."""
+    found = all_presets()
+    fam = _family(family)
+    names = [n for n, p in found.items() if fam in p.families]
+    return sorted(names, key=lambda n: (found[n].families != FAMILIES, names.index(n)))
+
+
+def preset_words(family: str | None = None) -> list[str]:
+    found = all_presets()
+    return [found[n].describe(_family(family)) for n in preset_names(family) if found[n].describe(_family(family))]
+
+
+def form_preset(name: str, family: str | None = None) -> dict[str, Any]:
+    """The form values a preset sets (only the fields it covers; repeats from its suggestion)."""
+    found = all_presets()
+    if name not in found:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(found)}")
+    p = found[name]
+    cfg = p.values(_family(family))
+    form = config_to_form(cfg, {})
+    keys = {"network_dim", "max_train_epochs", "train_batch_size", "lr_warmup_steps", "keep_tokens", "network_alpha",
+            "optimizer_type", "lr_scheduler", "enable_bucket", "shuffle_caption", "seed", "sample_every_n_epochs"}
+    out = {k: form[k] for k in keys if k in cfg and k in form}
+    if "network_module" in cfg or "network_args" in cfg:
+        for k in ("network_type", "conv_dim", "conv_alpha"):
+            if k in form:
+                out[k] = form[k]
+    if "save_every_n_epochs" in cfg:
+        out["save_every_n_epochs"] = form["save_every_n_epochs"]
+    if "unet_lr" in cfg or "learning_rate" in cfg:
+        out["unet_lr"] = form["unet_lr"]
+    if "text_encoder_lr" in cfg or cfg.get("network_train_unet_only"):
+        out["text_encoder_lr"] = form["text_encoder_lr"]
+    if "clip_skip" in cfg:
+        out["clip_skip"] = form["clip_skip"]
+    if "resolution" in cfg:
+        out["resolution"] = form["resolution"]
+    if p.repeats:
+        out["repeats"] = p.repeats
+    return out
+
+
+def _purpose_presets() -> set[str]:
+    return {n for n, p in all_presets().items() if p.families == FAMILIES}
+
+
+def default_values(base_config: dict[str, Any] | None = None, purpose: str | None = None,
+                   family: str | None = None) -> dict[str, Any]:
+    """The form a new project starts with: field defaults, its purpose's preset for the model family, the
+    family's native resolution (or the host's own resolution)."""
+    fam = _family(family)
     values = {f.key: f.default for f in FIELDS}
-    values.update(PRESETS.get(purpose or "character", PRESETS["character"]))
+    name = purpose if purpose in _purpose_presets() else "character"
+    values.update(form_preset(name, fam))
+    values["presets"] = name
+    values["resolution"] = NATIVE_RESOLUTION[fam]
     res = (base_config or {}).get("resolution")
     if res is not None:
         try:
@@ -126,11 +170,18 @@ def default_values(base_config: dict[str, Any] | None = None, purpose: str | Non
     return values
 
 
-def apply_preset(values: dict[str, Any], preset: str) -> dict[str, Any]:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+def apply_preset(values: dict[str, Any], preset: str, family: str | None = None) -> dict[str, Any]:
+    """The form with a preset chosen: its fields set, and the presets field updated (a purpose preset replaces
+    the list; a family-specific one, e.g. a memory fit, is added after it)."""
     out = dict(values)
-    out.update(PRESETS[preset])
+    out.update(form_preset(preset, family))
+    current = split_names(values.get("presets"))
+    purpose = _purpose_presets()
+    if preset in purpose:
+        current = [preset] + [n for n in current if n not in purpose]
+    else:
+        current = [n for n in current if n in purpose] + [preset]
+    out["presets"] = "+".join(current)
     return out
 
 
@@ -200,9 +251,9 @@ def form_to_config(values: dict[str, Any]) -> tuple[dict[str, Any], int]:
         "shuffle_caption": v["shuffle_caption"], "keep_tokens": v["keep_tokens"], "seed": v["seed"],
     }
     if v["enable_bucket"]:
-        # sd-scripts' bucket range (256-1024 at 512), widened so that a small training size keeps working
+        # sd-scripts' bucket range (256-1024 at 512, up to 2048 at 1024), widened so a small size keeps working
         cfg["min_bucket_reso"] = min(256, v["resolution"])
-        cfg["max_bucket_reso"] = max(1024, v["resolution"])
+        cfg["max_bucket_reso"] = max(1024, 2 * v["resolution"])
     if v["save_every_n_epochs"]:
         cfg["save_every_n_epochs"] = v["save_every_n_epochs"]
     if v["text_encoder_lr"] > 0:
@@ -211,7 +262,44 @@ def form_to_config(values: dict[str, Any]) -> tuple[dict[str, Any], int]:
         cfg["network_train_unet_only"] = True
     if v["output_name"].strip():
         cfg["output_name"] = v["output_name"].strip()
+    if split_names(v["presets"]):
+        cfg["preset"] = split_names(v["presets"])
+    for key, value in parse_extra(v["extra_options"]).items():
+        if key in cfg or key in FIELD_BY_KEY:
+            raise ConfigError(f"Other sd-scripts options: {key} has its own field in the form; set it there")
+        cfg[key] = value
     return cfg, v["repeats"]
+
+
+def parse_extra(text: str) -> dict[str, Any]:
+    """The "Other sd-scripts options" field: TOML key = value lines (sections are flattened)."""
+    import tomllib
+    if not (text or "").strip():
+        return {}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Other sd-scripts options: not valid TOML ({exc}); write one key = value per line, "
+                          f"strings in quotes") from None
+    flat: dict[str, Any] = {}
+    for k, val in data.items():
+        flat.update(val if isinstance(val, dict) else {k: val})
+    return flat
+
+
+# sd-scripts keys the form's own fields produce (form_to_config); anything else goes to "Other options"
+FORM_CONFIG_KEYS = ("network_module", "network_dim", "network_alpha", "network_args", "max_train_epochs",
+                    "train_batch_size", "learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only",
+                    "optimizer_type", "lr_scheduler", "lr_warmup_steps", "resolution", "enable_bucket", "clip_skip",
+                    "shuffle_caption", "keep_tokens", "seed", "min_bucket_reso", "max_bucket_reso",
+                    "save_every_n_epochs", "output_name", "sample_prompts", "sample_every_n_epochs")
+
+
+def extra_from_config(cfg: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """The options of a config the form has no field for, as "Other sd-scripts options" lines."""
+    from ..interop.tomlfmt import table
+    rest = {k: v for k, v in cfg.items() if k not in FORM_CONFIG_KEYS and k not in skip and v is not None}
+    return table(rest)
 
 
 def _args_dict(args: Any) -> dict[str, str]:

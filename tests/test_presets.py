@@ -1,0 +1,65 @@
+"""Presets as data: one source for TOML `preset = ...`, `--preset` and an API config; per-family values; user
+presets from a folder."""
+import pytest
+
+from lib_lora_train import presets
+from lib_lora_train.cli import main
+from lib_lora_train.config import UNSUPPORTED, config_from_dict, load_config, parse_cli_overrides
+from lib_lora_train.errors import ConfigError
+
+
+@pytest.mark.parametrize("family", presets.FAMILIES)
+def test_every_builtin_preset_is_a_valid_config(family):
+    for name, p in presets.builtin().items():
+        if family not in p.families:
+            with pytest.raises(ConfigError, match="is for"):
+                p.values(family)
+            continue
+        values = p.values(family)
+        assert not set(values) & set(UNSUPPORTED), (name, set(values) & set(UNSUPPORTED))
+        config_from_dict(dict(values, **({"sdxl": True} if family == "sdxl" else {})))
+
+
+def test_family_values():
+    assert presets.resolve("character", "sd1")["resolution"] == "512"
+    assert presets.resolve("character", "sd2")["resolution"] == "768"
+    xl = presets.resolve("sdxl-character")
+    assert xl["resolution"] == "1024" and xl["no_half_vae"] is True
+    low = presets.resolve(["character", "sdxl-8gb"], "sdxl")
+    for key, want in (("gradient_checkpointing", True), ("cache_latents", True), ("cache_text_encoder_outputs", True),
+                      ("network_train_unet_only", True), ("fp8_base", True), ("optimizer_type", "Adafactor"),
+                      ("shuffle_caption", False), ("network_dim", 32)):
+        assert low[key] == want, key
+    assert presets.resolve("character+sdxl-12gb", "sdxl")["optimizer_type"] == "AdamW8bit"
+
+
+def test_explicit_keys_win_everywhere(tmp_path):
+    cfg = config_from_dict({"preset": "style", "network_dim": 16})
+    assert cfg.network_dim == 16 and cfg.network_alpha == 64 and cfg.resolution == "512"
+    (tmp_path / "run.toml").write_text('preset = "concept"\n[network]\nnetwork_alpha = 8\n')
+    cfg = load_config(str(tmp_path / "run.toml"))
+    assert cfg.network_dim == 64 and cfg.network_alpha == 8 and cfg.clip_skip == 1
+    cfg = load_config(str(tmp_path / "run.toml"), parse_cli_overrides(["--preset", "character", "--network_dim", "4"]))
+    assert cfg.network_dim == 4 and cfg.clip_skip == 2
+    cfg = config_from_dict({"preset": "character", "sdxl": True})       # the family from sd-scripts' flag
+    assert cfg.resolution == "1024"
+
+
+def test_unknown_preset_names_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'character'"):
+        config_from_dict({"preset": "charcter"})
+    with pytest.raises(ConfigError, match="is for sdxl"):
+        config_from_dict({"preset": "sdxl-8gb"})
+
+
+def test_user_presets_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine.toml").write_text('description = "my faces"\nnetwork_dim = 12\n[sdxl]\nnetwork_dim = 24\n')
+    monkeypatch.setenv(presets.ENV_DIRS, str(tmp_path))
+    assert presets.resolve("mine", "sd1")["network_dim"] == 12
+    assert config_from_dict({"preset": "sdxl-mine"}).network_dim == 24
+    assert main(["presets", "--family", "sdxl"]) == 0
+    out = capsys.readouterr().out
+    assert "mine" in out and "my faces" in out and "sdxl-8gb" in out and "fp8_base=True" in out
+    (tmp_path / "bad.toml").write_text("network_dmi = 3\n")
+    with pytest.raises(ConfigError, match="network_dim"):
+        presets.all_presets()
