@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import ALIASES, TrainConfig, config_from_dict
@@ -235,6 +236,7 @@ class JobManager:
                               f"name, leave output_name out for a free one, or resume that run")
         if not proj.folders():
             raise ConfigError(f"project '{project}' has no training images yet (import some first)")
+        preflight(cfg)
         return cfg
 
     def _free_name(self, out_dir: str, base: str) -> str:
@@ -425,3 +427,28 @@ class JobManager:
                 return (fh.metadata() or {}).get("ss_base_model_version")
         except Exception:  # noqa: BLE001
             return None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What the engine would refuse before loading a model, checked at submit so a run that cannot start is
+    refused now (400) instead of failing when its turn in the queue comes: network_args, that the named files
+    exist, a resumable state, and a dataset that gives at least one step."""
+    from .networks import network_config_from_args
+    from .training.data_setup import plan_for_config
+
+    network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args,
+                             train_unet=not cfg.network_train_text_encoder_only,
+                             train_text_encoder=not cfg.network_train_unet_only,
+                             network_dropout=cfg.network_dropout)
+    for key in ("pretrained_model_name_or_path", "network_weights", "sample_prompts"):
+        value = getattr(cfg, key, None)
+        if value and not os.path.isfile(str(value)):
+            raise ConfigError(f"{key}: no file at {value}")
+    if cfg.resume:
+        from .training.state import _read_info
+        if not os.path.isdir(str(cfg.resume)):
+            raise ConfigError(f"resume: no saved state folder at {cfg.resume}")
+        _read_info(Path(str(cfg.resume)))
+    plan = plan_for_config(cfg)
+    if plan.total_steps < 1:
+        raise ConfigError(f"this config trains 0 steps ({plan.formula}); raise max_train_epochs or add images")
