@@ -105,3 +105,58 @@ def test_bad_values_name_the_field():
     v["optimizer_type"] = "Magic"
     with pytest.raises(ConfigError, match="Optimizer"):
         form_to_config(v)
+
+
+def _ctx(tmp_path):
+    from lib_lora_train.demo.toy import make_toy_dataset
+    from lib_lora_train.hosts.base import BasicHost, HostPaths
+    from lib_lora_train.jobs import JobManager
+    from lib_lora_train.models import write_tiny_checkpoint
+    from lib_lora_train.prep.preprocess import PreprocessOptions
+    from lib_lora_train.prep.project import create_project, import_images
+    from lib_lora_train.ui.context import UIContext
+    ckpt = write_tiny_checkpoint(str(tmp_path / "models" / "tiny.safetensors"))
+    host = BasicHost(HostPaths(str(tmp_path / "projects"), str(tmp_path / "loras"), [str(tmp_path / "models")]),
+                     default_checkpoint=str(ckpt), config={"resolution": "64", "device": "cpu"})
+    proj = create_project(str(tmp_path / "projects" / "star"), "star", trigger="zkz", purpose="character")
+    import_images(proj, str(make_toy_dataset(tmp_path / "toy", n_images=2)), recursive=True, repeats=1,
+                  options=PreprocessOptions(workers=1))
+    return UIContext(host, JobManager(host))
+
+
+def test_import_fills_the_form_and_export_writes_sd_scripts_toml(tmp_path):
+    import json
+    import tomllib
+
+    from lib_lora_train.ui import form_store
+    from lib_lora_train.ui.settings_io import export_sd_scripts, import_upload, user_presets_dir
+    ctx = _ctx(tmp_path)
+    src = tmp_path / "preset.json"
+    src.write_text(json.dumps({"LoRA_type": "LyCORIS/LoHa", "network_dim": "16", "network_alpha": "8",
+                               "conv_dim": 4, "conv_alpha": 2, "max_resolution": "512,512", "optimizer": "AdamW",
+                               "learning_rate": "0.0002", "unet_lr": "0.0002", "text_encoder_lr": 0, "epoch": 3,
+                               "min_snr_gamma": 5, "train_data_dir": "/elsewhere", "sample_prompts": "zkz, star"}))
+    values = [default_values({"resolution": "64"})[k] for k in FORM_KEYS]
+    out = import_upload(ctx, "star", str(src), *values)
+    assert out["network_type"] == "LoHa" and out["network_dim"] == 16 and out["conv_dim"] == 4
+    assert out["text_encoder_lr"] == 0 and out["max_train_epochs"] == 3 and out["resolution"] == 512
+    assert out["extra_options"].strip() == "min_snr_gamma = 5.0" and out["sample_prompts"] == "zkz, star"
+    assert "kohya_ss GUI JSON" in out["import_report"] and "train_data_dir" in out["import_report"]
+    assert form_store.load_form(str(tmp_path / "projects" / "star"))["network_dim"] == 16
+    form = dict(zip(FORM_KEYS, values))
+    form.update({k: v for k, v in out.items() if k in FORM_KEYS})
+    form["resolution"] = 64
+    exp = export_sd_scripts(ctx, "star", *[form[k] for k in FORM_KEYS])
+    data = tomllib.loads(open(exp["export_file"], encoding="utf-8").read())
+    assert data["min_snr_gamma"] == 5.0 and data["network_args"][0] == "algo=loha"
+    assert data["train_data_dir"].endswith("img") and data["network_train_unet_only"] is True
+    assert "train_network.py" in exp["export_text"] and "--config_file" in exp["export_text"]
+    bad = tmp_path / "cut.json"
+    bad.write_text('{"LoRA_type": "Stan')
+    assert set(import_upload(ctx, "star", str(bad), *values)) == {"import_report"}   # the form is untouched
+    folder = user_presets_dir(ctx)
+    import os
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "faces.toml"), "w") as fh:
+        fh.write('description = "my faces"\nnetwork_dim = 12\n')
+    assert "faces" in preset_names("sd1") and form_preset("faces")["network_dim"] == 12

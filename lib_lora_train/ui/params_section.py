@@ -12,7 +12,7 @@ from .common import get_project
 from .context import Result, UIContext
 from .presets import FIELDS, FORM_KEYS, apply_preset, default_values, form_preset, form_to_config, preset_names, \
     preset_words
-from .settings_io import export_sd_scripts, import_upload, model_family
+from .settings_io import export_sd_scripts, import_upload, model_family, user_presets_dir
 
 ESTIMATE_KEYS = ["steps_text", "eta_text"]
 
@@ -172,6 +172,7 @@ def build(ctx: UIContext) -> None:
     assert sorted(k for row in LAYOUT for k in row) == sorted(FORM_KEYS)
     by_key = {f.key: f for f in FIELDS}
     family = model_family(ctx)
+    user_presets_dir(ctx)
     base = dict(ctx.host.base_config())
     base.setdefault("resolution", native_resolution(ctx))
     initial = default_values(base, None, family)
@@ -180,6 +181,9 @@ def build(ctx: UIContext) -> None:
                                  elem_id="lora_train_base_model"))
     add("preset", gr.Radio(label="Preset", choices=preset_names(family), value=None, elem_id="lora_train_preset",
                            info="Fills in the fields below for what you train; change any of them afterwards"))
+    add("presets_dir", gr.Textbox(label="Your presets folder", value=user_presets_dir(ctx), interactive=False,
+                                  info="NAME.toml files of sd-scripts options here are listed after a restart",
+                                  elem_id="lora_train_presets_dir"))
     for line in preset_words(family):
         gr.Markdown(line)
     with gr.Row():

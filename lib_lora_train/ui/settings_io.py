@@ -28,6 +28,14 @@ def model_family(ctx: UIContext) -> str:
     return fam if fam in ("sd1", "sd2", "sdxl") else "sd1"
 
 
+def user_presets_dir(ctx: UIContext) -> str:
+    """The host's folder of user presets (NAME.toml), beside its projects folder; runs and the tab find them."""
+    from ..presets import register_dir
+    folder = os.path.join(os.path.dirname(os.path.abspath(ctx.host.paths.projects)), "presets")
+    register_dir(folder)
+    return folder
+
+
 def _upload_path(file: Any) -> str | None:
     if file is None:
         return None
