@@ -327,3 +327,19 @@ def test_cli_exit_codes_and_nothing_written_over(tmp_path, capsys):
     from lib_lora_train.config import load_config
     cfg = load_config(str(out))
     assert cfg.network_dim == 16 and cfg.sample_prompts == str(tmp_path / "run.prompts.txt")
+
+
+def test_kohya_json_of_an_early_release(tmp_path):
+    """Early 2023 files: no LoRA_type, text numbers, use_8bit_adam, an empty caption extension, a Hub id."""
+    old = {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5", "max_resolution": "512,512",
+           "learning_rate": "0.00003333", "lr_warmup": "0", "train_batch_size": 8, "epoch": "1",
+           "save_every_n_epochs": "1", "mixed_precision": "bf16", "seed": "1234", "caption_extension": "",
+           "use_8bit_adam": True, "xformers": True, "text_encoder_lr": "0.000016666", "unet_lr": "0.00003333",
+           "network_dim": 128, "gradient_accumulation_steps": 1.0, "max_train_epochs": "", "clip_skip": "1"}
+    res = import_settings(_write(tmp_path, "old.json", json.dumps(old)))
+    cfg, rep = res.config, res.report
+    assert rep.can_start, rep.text()
+    assert cfg["optimizer_type"] == "AdamW8bit" and cfg["caption_extension"] == ".caption"
+    assert cfg["learning_rate"] == pytest.approx(3.333e-5) and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["network_module"] == "networks.lora" and cfg["max_train_epochs"] == 1
+    assert any("Hugging Face" in n for n in rep.notes)

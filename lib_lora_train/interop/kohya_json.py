@@ -231,6 +231,11 @@ def read(data: dict[str, Any], t: Translator) -> dict[str, str]:
                   "kohya_ss passes the epoch count when it is empty")
         else:
             t.arg("lr_scheduler_num_cycles", "lr_scheduler_num_cycles", data["lr_scheduler_num_cycles"])
+    if "caption_extension" in data and _falsy(data["caption_extension"]):
+        mark("caption_extension")
+        t.set("caption_extension", data["caption_extension"], {"caption_extension": ".caption"},
+              "kohya_ss does not pass an empty extension, so sd-scripts read its default .caption files (caption "
+              "files named .txt were not used); set caption_extension = \".txt\" to use them")
     if "seed" in data:
         mark("seed")
         if _falsy(data["seed"]):

@@ -7,6 +7,7 @@ option the training stream adds later is carried over without a change here.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 from .. import config as cfgmod
@@ -114,6 +115,10 @@ class Translator:
         if family not in FAMILIES and key not in cfgmod._FIELDS and key not in SD_SCRIPTS_OPTIONS:
             self.unsupported(field, value, f"an option of {family} training")
             return
+        if key in ("use_8bit_adam", "use_lion_optimizer") and not _falsy(value):
+            name = "AdamW8bit" if key == "use_8bit_adam" else "Lion"
+            self.set(field, value, {"optimizer_type": name}, f"sd-scripts' old switch for optimizer_type {name}")
+            return
         fixed = _fix_value(key, value)
         if fixed is not None:
             self.set(field, value, {key: fixed[0]}, fixed[1])
@@ -179,6 +184,10 @@ class Translator:
                                      network_dropout=cfg.network_dropout)
         except ConfigError as exc:
             rep.validation_error = f"the config's own validation: {exc}"
+        ckpt = str(self.values.get("pretrained_model_name_or_path") or "")
+        if ckpt and not ckpt.lower().endswith((".safetensors", ".ckpt")) and not os.path.isfile(ckpt):
+            rep.notes.append(f"pretrained_model_name_or_path {ckpt!r} looks like a Hugging Face id or a diffusers "
+                             f"folder: this engine reads single .safetensors / .ckpt files, offline")
         for key, what in (("pretrained_model_name_or_path", "the base checkpoint"),
                           ("train_data_dir", "the training images")):
             if not self.values.get(key) and not (key == "train_data_dir" and self.values.get("dataset_config")):
