@@ -230,3 +230,27 @@ def test_checkpoint_names_point_at_the_loaded_models_weights(family):
         keys = index[name]
         weight = layers[name].weight.detach()
         assert torch.equal(rows(sd[keys.weight], keys.chunk).reshape(weight.shape), weight), name
+
+
+def test_extract_on_sd2_writes_v2_metadata(tmp_path):
+    from lib_lora_train.tools.extract import extract_lora_to_file
+
+    unet, te = tiny_sd2_unet(), tiny_sd2_text_encoder()
+    org = sd2_checkpoint(unet, te)
+    tuned = {k: v.clone() for k, v in org.items()}
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    g = torch.Generator().manual_seed(3)
+    tuned[key][96:144] += torch.randn(48, 1, generator=g) @ torch.randn(1, 48, generator=g) * 0.1     # v_proj
+    last = "cond_stage_model.model.transformer.resblocks.2.mlp.c_fc.weight"                        # unused layer
+    tuned[last] += 1.0
+    res = extract_lora_to_file(org, tuned, tmp_path / "x.safetensors", dim=2, clamp_quantile=None, min_diff=1e-6,
+                               v_parameterization=True)
+    names = {k.split(".")[0] for k in res.tensors}
+    assert "lora_te_text_model_encoder_layers_0_self_attn_v_proj" in names
+    assert not any("layers_2_" in n for n in names)          # sd-scripts' SD 2.x text encoder has 23 of 24 layers
+    by_name = {m["name"]: m["update_norm"] for m in res.modules}
+    assert by_name["lora_te_text_model_encoder_layers_0_self_attn_v_proj"] > 0
+    assert by_name["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == 0
+    assert res.metadata["ss_v2"] == "True" and res.metadata["ss_base_model_version"] == "sd_v2_v"
+    assert res.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert res.metadata["modelspec.resolution"] == "768x768"
