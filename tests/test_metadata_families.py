@@ -84,14 +84,36 @@ def test_model_info_properties_are_used_when_present():
         ("my-arch/lora", "mine", "640x640")
 
 
-def test_sdxl_keys_equal_sd_scripts_real_output():
-    """tests/data/sdscripts_sdxl_metadata_keys.txt: the metadata keys of an SDXL LoRA written by sd-scripts
-    48d368fa's sdxl_train_network.py in folder mode (no optional modelspec fields given)."""
+@pytest.mark.parametrize("family,data", [("sdxl", "sdscripts_sdxl_metadata_keys.txt"),
+                                         ("sd2-v", "sdscripts_sd2v_metadata_keys.txt")])
+def test_keys_equal_sd_scripts_real_output(family, data):
+    """tests/data/sdscripts_*_metadata_keys.txt: the metadata keys of LoRAs written by sd-scripts 48d368fa's
+    sdxl_train_network.py / train_network.py --v2 --v_parameterization in folder mode (no optional modelspec
+    fields given)."""
     from pathlib import Path
 
-    reference = set((Path(__file__).parent / "data" / "sdscripts_sdxl_metadata_keys.txt").read_text().split())
-    model_info = SimpleNamespace(**{**vars(FAMILIES["sdxl"][0]), "sha256": "0" * 64, "legacy_hash": "0" * 8})
+    reference = set((Path(__file__).parent / "data" / data).read_text().split())
+    model_info = SimpleNamespace(**{**vars(FAMILIES[family][0]), "sha256": "0" * 64, "legacy_hash": "0" * 8})
     ours = set(metadata(TrainConfig(output_name="x", resolution="64,64"), model_info))
     # sshs_* are added when the file is written (networks.io.save_network_file)
     assert ours == {k for k in reference if not k.startswith("sshs_")}
     assert {"sshs_model_hash", "sshs_legacy_hash"} <= reference
+
+
+def test_network_args_as_sd_scripts_writes_them():
+    """sd-scripts adds "dropout" (network_dropout, null when unset) to the network_args it writes (its real SDXL
+    LoCon file: {"conv_dim": "4", "conv_alpha": "1", "dropout": null})."""
+    import json
+
+    base = md.training_metadata(TrainConfig(output_name="x"), model_info=FAMILIES["sdxl"][0], data_summary=SUMMARY,
+                                plan=PLAN, num_batches_per_epoch=1, optimizer_description="AdamW", network_dim=4,
+                                network_alpha=1.0, network_args={"conv_dim": "4", "conv_alpha": "1"},
+                                folder_mode=True, session_id=1, started_at=1.7e9)
+    assert base["ss_network_args"] == '{"conv_dim": "4", "conv_alpha": "1", "dropout": null}'
+    cfg = TrainConfig(output_name="x", network_dropout=0.1)
+    base = md.training_metadata(cfg, model_info=FAMILIES["sdxl"][0], data_summary=SUMMARY, plan=PLAN,
+                                num_batches_per_epoch=1, optimizer_description="AdamW", network_dim=4,
+                                network_alpha=1.0, network_args={"algo": "loha", "dropout": "0.2"},
+                                folder_mode=True, session_id=1, started_at=1.7e9)
+    assert json.loads(base["ss_network_args"]) == {"algo": "loha", "dropout": "0.2"}
+    assert "ss_network_args" not in metadata(TrainConfig(output_name="x"), FAMILIES["sdxl"][0])

@@ -217,3 +217,25 @@ def test_full_size_sd2_module_sets():
     c3 = find_targets(unet, "unet", "c3lier", family="sd2")
     assert "lora_unet_down_blocks_0_downsamplers_0_conv" in {t.name for t in c3}
     assert "lora_unet_up_blocks_0_upsamplers_0_conv" in {t.name for t in c3}
+
+
+def test_full_size_sdxl_locon_names_equal_sd_scripts_real_output(full_sdxl):
+    """tests/data/sdscripts_sdxl_c3lier_modules.txt: sd-scripts 48d368fa, networks.lora with conv_dim=4 on SDXL."""
+    unet, tes = full_sdxl
+    te1, te2, un = targets(unet, tes, "c3lier")
+    reference = set((DATA / "sdscripts_sdxl_c3lier_modules.txt").read_text().split())
+    assert len(reference) == 72 + 192 + 788
+    assert {t.name for t in te1 + te2 + un} == reference
+
+
+def test_full_size_sd2_names_equal_sd_scripts_real_output():
+    """tests/data/sdscripts_sd2v_lierla_modules.txt: sd-scripts 48d368fa's train_network.py --v2
+    --v_parameterization (networks.lora) on a full-size SD 2.x 768-v checkpoint with random weights."""
+    from tiny_sdxl import sd2_meta
+
+    unet, te = sd2_meta()
+    ours = {t.name for t in find_targets(te, "text_encoder", "lierla", family="sd2")}
+    ours |= {t.name for t in find_targets(unet, "unet", "lierla", family="sd2")}
+    reference = set((DATA / "sdscripts_sd2v_lierla_modules.txt").read_text().split())
+    assert len(reference) == 138 + 192
+    assert ours == reference

@@ -118,7 +118,7 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
         "ss_multires_noise_iterations": cfg.multires_noise_iterations,
         "ss_multires_noise_discount": cfg.multires_noise_discount,
         "ss_adaptive_noise_scale": cfg.adaptive_noise_scale,
-        "ss_zero_terminal_snr": False,
+        "ss_zero_terminal_snr": bool(cfg.zero_terminal_snr),
         "ss_training_comment": cfg.training_comment,
         "ss_sd_scripts_commit_hash": f"(lib_lora_train {__version__})",
         "ss_optimizer": optimizer_description,
@@ -138,8 +138,8 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
         "ss_huber_schedule": cfg.huber_schedule,
         "ss_huber_scale": 1.0,
         "ss_huber_c": cfg.huber_c,
-        "ss_fp8_base": False,
-        "ss_fp8_base_unet": False,
+        "ss_fp8_base": bool(cfg.fp8_base),
+        "ss_fp8_base_unet": bool(cfg.fp8_base_unet),
         "ss_validation_seed": cfg.validation_seed,
         "ss_validation_split": cfg.validation_split,
         "ss_max_validation_steps": cfg.max_validation_steps,
@@ -173,7 +173,12 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
         meta["ss_tag_frequency"] = json.dumps(data_summary.get("tag_frequency", {}))
         meta["ss_dataset_dirs"] = json.dumps(data_summary.get("dataset_dirs", {}))
     if network_args:
-        meta["ss_network_args"] = json.dumps(network_args)
+        # sd-scripts passes network_dropout to the network as "dropout" unless network_args has it (for LyCORIS)
+        # and writes the args it passed, so that key appears in its files too (null without network_dropout)
+        args = dict(network_args)
+        if "dropout" not in args and not getattr(cfg, "dim_from_weights", False):
+            args["dropout"] = cfg.network_dropout
+        meta["ss_network_args"] = json.dumps(args)
     meta["ss_sd_model_name"] = model_info.name
     if model_info.legacy_hash:
         meta["ss_sd_model_hash"] = model_info.legacy_hash
