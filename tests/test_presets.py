@@ -63,3 +63,22 @@ def test_user_presets_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.toml").write_text("network_dmi = 3\n")
     with pytest.raises(ConfigError, match="network_dim"):
         presets.all_presets()
+
+
+def test_api_config_takes_a_preset(tmp_path):
+    """The jobs' config resolution (POST runs) expands "preset" like a TOML does; explicit keys and the host's
+    base keys stay above it."""
+    from lib_lora_train.demo.toy import make_toy_dataset
+    from lib_lora_train.hosts.base import BasicHost, HostPaths
+    from lib_lora_train.jobs import JobManager
+    from lib_lora_train.models import write_tiny_checkpoint
+    from lib_lora_train.prep.preprocess import PreprocessOptions
+    from lib_lora_train.prep.project import create_project, import_images
+    ckpt = write_tiny_checkpoint(str(tmp_path / "models" / "tiny.safetensors"))
+    host = BasicHost(HostPaths(str(tmp_path / "projects"), str(tmp_path / "loras"), [str(tmp_path / "models")]),
+                     default_checkpoint=str(ckpt), config={"resolution": "64", "device": "cpu"})
+    proj = create_project(str(tmp_path / "projects" / "star"), "star", trigger="zkz", purpose="style")
+    import_images(proj, str(make_toy_dataset(tmp_path / "toy", n_images=2)), recursive=True, repeats=1,
+                  options=PreprocessOptions(workers=1))
+    cfg = JobManager(host).resolve_config("star", {"preset": "style", "network_alpha": 8})
+    assert cfg.network_dim == 128 and cfg.network_alpha == 8 and cfg.resolution == "64"
