@@ -398,14 +398,15 @@ def _restore_backup(module, weights, bias) -> None:
 _SINGLE: dict = {}
 
 
-def host_and_jobs(webui: WebUI, *, ext_dir: Optional[str] = None):
+def host_and_jobs(webui: WebUI, *, ext_dir: Optional[str] = None, host_class=None):
     """The process's one host and JobManager. The script calls this on every (re)load; "Reload UI" re-executes
-    the script but not this module, so running and finished jobs survive it."""
+    the script but not this module, so running and finished jobs survive it. `host_class`: the adapter of the
+    running WebUI (hosts/detect.py: WebUIHost, ForgeHost or ReForgeHost)."""
     from ..jobs import JobManager
 
     host = _SINGLE.get("host")
     if host is None:
-        host = WebUIHost(webui, ext_dir=ext_dir)
+        host = (host_class or WebUIHost)(webui, ext_dir=ext_dir)
         _SINGLE["host"], _SINGLE["jobs"] = host, JobManager(host)
     else:
         host.webui, host.ext_dir = webui, ext_dir or host.ext_dir

@@ -1,0 +1,189 @@
+"""The Forge 2.x host adapter on stand-ins (tests/forge_standins.py): host detection by structure, the lazy model
+loaded through Forge's own reload entry point, training on Forge's loaded weights with its LoRA patches taken out,
+quantized storage refused, Forge's model exactly as before after a run / an Interrupt, and the next generation's
+LoRA patches exactly as before."""
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lib_lora_train.config import config_from_dict
+from lib_lora_train.demo.toy import make_toy_dataset
+from lib_lora_train.errors import ConfigError, ModelError
+from lib_lora_train.events import STEP
+from lib_lora_train.hosts import detect
+from lib_lora_train.hosts.forge import ForgeHost
+from lib_lora_train.hosts.reforge import ReForgeHost
+from lib_lora_train.hosts.webui import WebUIHost
+from lib_lora_train.jobs import JobManager
+from lib_lora_train.prep.project import create_project
+from forge_standins import FakeInitialModel, forge_diff, forge_snapshot, forge_tensors, make_forge
+
+FAST = {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2,
+        "learning_rate": 1e-3, "seed": 1, "cache_latents": True}
+
+
+def spec_finder(*present):
+    return lambda name: SimpleNamespace(name=name) if name in present else None
+
+
+def test_host_kind_by_structure_not_version():
+    forge_sd_models = SimpleNamespace(forge_model_reload=lambda: None)
+    assert detect.host_kind(forge_sd_models, find_spec=spec_finder(
+        "modules_forge", "backend", detect.FORGE_MEMORY)) == detect.FORGE
+    # reForge: modules_forge + ldm_patched, A1111's sd_models (no forge_model_reload)
+    assert detect.host_kind(SimpleNamespace(), find_spec=spec_finder(
+        "modules_forge", "ldm_patched", detect.REFORGE_MEMORY)) == detect.REFORGE
+    assert detect.host_kind(SimpleNamespace(), find_spec=spec_finder()) == detect.A1111
+    # an unrelated `backend` package or a lone forge_model_reload does not make a Forge
+    assert detect.host_kind(forge_sd_models, find_spec=spec_finder("backend")) == detect.A1111
+    assert detect.host_kind(SimpleNamespace(), find_spec=spec_finder(
+        "modules_forge", "backend", detect.FORGE_MEMORY)) == detect.A1111
+
+    def broken(name):
+        raise ValueError(name)
+    assert detect.host_kind(forge_sd_models, find_spec=broken) == detect.A1111
+    assert detect.host_class(detect.FORGE) is ForgeHost and detect.host_class(detect.REFORGE) is ReForgeHost
+    assert detect.host_class(detect.A1111) is WebUIHost
+
+
+@pytest.fixture
+def forge(tmp_path):
+    return make_forge(tmp_path)
+
+
+def toy_job(host, jobs, tmp_path, listener=None, **config):
+    proj = create_project(host.paths.project_dir("toy"), "toy", trigger="zkz")
+    src = make_toy_dataset(tmp_path / "src", n_images=4)
+    shutil.move(str(src / "10_zkz"), os.path.join(proj.train_dir, "1_zkz"))
+    if listener:
+        jobs.listeners.append(listener)
+    job = jobs.submit("toy", {**FAST, **config})
+    return jobs.wait(job.id, timeout=120)
+
+
+def test_the_session_loads_through_forge_and_trains_on_its_weights_without_lora_patches(forge):
+    w, ns = forge
+    host = ForgeHost(w, memory=ns.memory)
+    assert isinstance(ns.shared.sd_model, FakeInitialModel) and host.model_family() == "sd1"
+    cfg = config_from_dict({**host.base_config(), **FAST})
+    with host.training_session(cfg) as model:
+        assert ns.call_queue.queue_lock.locked()
+        engine = ns.reloads[0]                  # Forge's own entry point loaded the selected checkpoint
+        assert ns.shared.sd_model is engine
+        original = forge_snapshot(engine)
+    assert ns.reloads == [engine]
+    engine.apply_lora()                          # a generation with <lora:x> patched the weights
+    patched = forge_snapshot(engine)
+    assert forge_diff(engine, original)         # the patches are in Forge's weights now
+    with host.training_session(cfg) as model:
+        assert ns.reloads == [engine]           # already loaded: not loaded again
+        assert forge_diff(engine, original) == []     # the originals are back before the run
+        unet_file = {k[len("model.diffusion_model."):]: t for k, t in ns.state_dict.items()
+                     if k.startswith("model.diffusion_model.")}
+        from lib_lora_train.models.convert import unet_ldm_to_diffusers
+        expected = unet_ldm_to_diffusers(unet_file)
+        got = model.unet.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert not any(t.is_inference() for t in got.values())    # autograd can save them for backward
+        assert model.info.extra["forge_cloned_tensors"] > 0 and model.info.family == "sd1"
+    assert ns.memory.unloads == 2 and ns.memory.empties >= 4    # one unload per run, cache emptied after
+    assert not ns.call_queue.queue_lock.locked()
+    # The next generation asks for the same LoRA: the loader patches again and gets the same weights.
+    for patcher in (engine.forge_objects.unet, engine.forge_objects.clip.patcher):
+        patcher.model.lora_loader.refresh(patcher.lora_patches)
+    assert forge_diff(engine, patched) == []
+
+
+def test_a_forge_run_leaves_forge_model_bit_identical_and_writes_what_forge_reads(tmp_path, forge):
+    w, ns = forge
+    host = ForgeHost(w, memory=ns.memory)
+    jobs = JobManager(host)
+    ns.sd_models.forge_model_reload()
+    engine = ns.shared.sd_model
+    before = forge_snapshot(engine)
+    seen = []
+    make_sink = host.progress_sink
+
+    def progress_sink(job, stop):            # shared.state right after each step's event went through the sink
+        sink = make_sink(job, stop)
+
+        def record(event):
+            sink(event)
+            if event.kind == STEP:
+                seen.append((ns.shared.state.job_no, ns.shared.state.job_count, ns.call_queue.queue_lock.locked()))
+        return record
+    host.progress_sink = progress_sink
+    job = toy_job(host, jobs, tmp_path)
+    assert job.status == "done", job.error
+    assert forge_diff(engine, before) == []
+    assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and seen[-1][1] == len(seen)
+    assert all(s[2] for s in seen)               # Forge's generations waited for the run (its queue lock)
+    assert ns.progress.finished == [host.progress_task_id(job.id)]
+    assert ns.networks.refreshes == 1            # Forge's Lora list (networks.list_available_networks)
+    out = os.path.join(ns.shared.cmd_opts.lora_dir, "toy", "toy.safetensors")
+    with safe_open(out, framework="pt") as fh:
+        meta = fh.metadata()
+    # Forge's Lora list decides a file's version from these keys (sd_forge_lora/network.py detect_version)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers" or meta["modelspec.implementation"].startswith("https")
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_new_sd_model_hash"] == ns.info.sha256
+
+
+def test_forge_interrupt_stops_the_run_and_the_model_is_unchanged(tmp_path, forge):
+    w, ns = forge
+    host = ForgeHost(w, memory=ns.memory)
+    jobs = JobManager(host)
+    engine, _ = ns.sd_models.forge_model_reload()
+    before = forge_snapshot(engine)
+
+    def listener(job, event):
+        if event.kind == STEP and event.data["step"] == 1:
+            ns.shared.state.interrupt()
+    job = toy_job(host, jobs, tmp_path, listener, train_batch_size=1)
+    assert job.status == "interrupted" and job.step < 4
+    assert forge_diff(engine, before) == []
+    assert not ns.call_queue.queue_lock.locked() and ns.shared.state.interrupted is False
+
+
+@pytest.mark.parametrize("storage, message", [("nf4", "nf4"), ("gguf", "gguf"),
+                                              (torch.float8_e4m3fn, "fp8 (float8_e4m3fn)")])
+def test_quantized_storage_is_refused_with_what_to_change(tmp_path, storage, message):
+    if isinstance(storage, str):
+        w, ns = make_forge(tmp_path, storage_dtype=storage)
+    else:
+        w, ns = make_forge(tmp_path, dtype=storage)
+    host = ForgeHost(w, memory=ns.memory)
+    cfg = config_from_dict({**host.base_config(), **FAST})
+    with pytest.raises(ConfigError, match="Diffusion in Low Bits") as err:
+        with host.training_session(cfg):
+            pass
+    assert message in str(err.value)
+    assert not ns.call_queue.queue_lock.locked() and ns.shared.state.job == ""
+
+
+def test_another_engine_is_refused_and_a_named_file_is_read_instead(tmp_path, forge):
+    w, ns = forge
+    host = ForgeHost(w, memory=ns.memory)
+    engine, _ = ns.sd_models.forge_model_reload()
+    engine.is_sd1 = False                          # e.g. Flux: none of the SD flags
+    cfg = config_from_dict({**host.base_config(), **FAST})
+    with pytest.raises(ModelError, match="SD 1.x, SD 2.x and SDXL"):
+        with host.training_session(cfg):
+            pass
+    other = config_from_dict({**host.base_config(), **FAST,
+                              "pretrained_model_name_or_path": str(tmp_path / "other.safetensors")})
+    with host.training_session(other) as model:
+        assert model is None                      # the engine reads that file itself
+    assert not ns.call_queue.queue_lock.locked()
+
+
+def test_forge_tensors_are_inference_tensors_like_forge_loads_them(forge):
+    _w, ns = forge
+    engine, reloaded = ns.sd_models.forge_model_reload()
+    assert reloaded and all(t.is_inference() for t in forge_tensors(engine).values())
+    assert ns.sd_models.forge_model_reload() == (engine, False)

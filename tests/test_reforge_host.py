@@ -1,0 +1,74 @@
+"""The reForge host adapter on stand-ins: the A1111-shaped model with `forge_objects` is trained in memory (not
+read from the file, as the A1111 adapter does for anything with forge_objects), a LoRA its memory manager left
+merged is taken out by unloading through that manager first, and the model is bit-identical afterwards."""
+import os
+import shutil
+
+import torch
+
+from lib_lora_train.config import config_from_dict
+from lib_lora_train.demo.toy import make_toy_dataset
+from lib_lora_train.hosts.reforge import ReForgeHost
+from lib_lora_train.hosts.webui import WebUIHost
+from lib_lora_train.jobs import JobManager
+from lib_lora_train.prep.project import create_project
+from forge_standins import make_reforge, reforge_lora_merged
+from webui_standins import same_as, snapshot
+
+FAST = {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2,
+        "learning_rate": 1e-3, "seed": 1, "cache_latents": True}
+
+
+def write_junk_checkpoint(ns):
+    """The API wants the checkpoint file to exist; reading it as one would fail, so a run that works never read it."""
+    with open(ns.info.filename, "wb") as fh:
+        fh.write(b"not a checkpoint")
+
+
+def test_reforge_trains_on_the_loaded_model_with_the_merged_lora_taken_out(tmp_path):
+    w, ns = make_reforge(tmp_path)
+    host = ReForgeHost(w, memory=ns.memory)
+    sd_model = ns.shared.sd_model
+    clean = snapshot(sd_model)
+    cfg = config_from_dict({**host.base_config(), **FAST})
+    with WebUIHost(w).training_session(cfg) as model:
+        assert model is None            # the A1111 adapter reads the file of a model with forge_objects
+    with reforge_lora_merged(ns) as patcher:
+        assert same_as(sd_model, clean)       # the LoRA is in the weights now
+        with host.training_session(cfg) as model:
+            assert same_as(sd_model, clean) == []       # unloaded through the manager: originals back
+            assert ns.memory.unloads == 1 and not patcher.backup
+            shared, total = model.info.extra["webui_shared_unet_tensors"]
+            assert shared == total > 0                  # the loaded tensors themselves, no copy
+            live = dict(sd_model.model.named_parameters())
+            assert any(t.data_ptr() == live["diffusion_model.out.2.weight"].data_ptr()
+                       for t in model.unet.parameters())
+        assert not ns.call_queue.queue_lock.locked()
+
+
+def test_a_reforge_run_leaves_the_model_bit_identical_and_refreshes_the_lora_list(tmp_path):
+    w, ns = make_reforge(tmp_path)
+    write_junk_checkpoint(ns)
+    host = ReForgeHost(w, memory=ns.memory)
+    jobs = JobManager(host)
+    before = snapshot(ns.shared.sd_model)
+    proj = create_project(host.paths.project_dir("toy"), "toy", trigger="zkz")
+    src = make_toy_dataset(tmp_path / "src", n_images=4)
+    shutil.move(str(src / "10_zkz"), os.path.join(proj.train_dir, "1_zkz"))
+    job = jobs.wait(jobs.submit("toy", dict(FAST)).id, timeout=120)
+    assert job.status == "done", job.error
+    assert same_as(ns.shared.sd_model, before) == []
+    assert ns.networks.refreshes == 1
+    assert os.path.isfile(os.path.join(ns.shared.cmd_opts.lora_dir, "toy", "toy.safetensors"))
+
+
+def test_reforge_parts_go_to_the_device_and_back(tmp_path):
+    w, ns = make_reforge(tmp_path)
+    host = ReForgeHost(w, memory=ns.memory)
+    sd_model = ns.shared.sd_model
+    for part in (sd_model.model, sd_model.first_stage_model, sd_model.cond_stage_model):
+        part.fake_move = True                     # records .to() without a second device
+    w.devices.device = torch.device("meta")       # "the compute device" differs from where the parts are
+    moved = host._to_device_for_medvram(sd_model)
+    assert [str(d) for _p, d in moved] == ["cpu", "cpu", "cpu"]
+    assert all(p.moves == [torch.device("meta")] for p, _d in moved)
