@@ -135,3 +135,24 @@ def test_other_network_types_on_sdxl_round_trip(models, module, args):
     fresh.load_tensors(tensors)
     for k, v in fresh.save_tensors().items():
         assert torch.equal(v, tensors[k]), k
+
+
+def test_sd2_files_hold_proj_in_out_as_1x1_convs_as_sd_scripts():
+    """sd-scripts trains SD 2.x on a U-Net with 1x1-conv proj_in / proj_out (its real SD 2.x file has lora_down
+    [4, 320, 1, 1]); ours are Linear: the file gets sd-scripts' shapes and both shapes read back."""
+    from tiny_sdxl import tiny_sd2_text_encoder, tiny_sd2_unet
+
+    unet, te = tiny_sd2_unet(), tiny_sd2_text_encoder()
+    cfg = network_config_from_args("networks.lora", 4, 1, None, family="sd2")
+    net = create_network(cfg, unet, te, family="sd2")
+    _randomise(net)
+    tensors = net.save_tensors()
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert tuple(tensors[f"{name}.lora_down.weight"].shape) == (4, 32, 1, 1)
+    assert tuple(tensors[f"{name}.lora_up.weight"].shape) == (32, 4, 1, 1)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].dim() == 2
+    flat = {k: (v.reshape(v.shape[:2]) if v.dim() == 4 else v) for k, v in tensors.items()}
+    for given in (tensors, flat):
+        fresh = create_network(cfg, unet, te, family="sd2")
+        fresh.load_tensors(given)
+        assert all(torch.equal(v, tensors[k]) for k, v in fresh.save_tensors().items())

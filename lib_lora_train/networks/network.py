@@ -289,8 +289,24 @@ class Network(torch.nn.Module):
                 t = t.detach().to("cpu")
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                out[f"{name}.{key}"] = t.clone().contiguous()
+                out[f"{name}.{key}"] = self._file_shape(f"{name}.{key}", t.clone()).contiguous()
         return out
+
+    # SD 2.x: sd-scripts trains on a U-Net whose proj_in / proj_out are 1x1 convs (it converts the checkpoint's
+    # Linear weights), so its files hold those layers' LoRA factors as [r, in, 1, 1] / [out, r, 1, 1]. Ours are
+    # Linear layers: the factors are written in sd-scripts' shape and read back in either shape.
+    def _conv_shaped(self, key: str) -> bool:
+        name = key.split(".", 1)[0]
+        t = self._targets.get(name)
+        return (self.family == "sd2" and t is not None and t.part == "unet"
+                and name.endswith(("_proj_in", "_proj_out")) and isinstance(t.module, torch.nn.Linear)
+                and key.endswith((".lora_down.weight", ".lora_up.weight")))
+
+    def _file_shape(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*t.shape, 1, 1) if t.dim() == 2 and self._conv_shaped(key) else t
+
+    def _own_shape(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[:2]) if t.dim() == 4 and self._conv_shaped(key) else t
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load file tensors (resume, or start from existing weights). Nothing changes if a check fails.
@@ -300,7 +316,7 @@ class Network(torch.nn.Module):
         mismatch is always an error. SDXL files with diffusers-spelled U-Net names (lora_unet_down_blocks_...) are
         read as their sgm names, as sd-scripts converts them on load.
         """
-        tensors = self._sgm_spelling(tensors)
+        tensors = {k: self._file_shape(k, v) for k, v in self._sgm_spelling(tensors).items()}
         expected = {k: v.shape for k, v in self.save_tensors().items()}
         missing = [k for k in expected if k not in tensors]
         unexpected = [k for k in tensors if k not in expected]
@@ -328,7 +344,7 @@ class Network(torch.nn.Module):
         with torch.no_grad():
             for name, w in by_module.items():
                 adapter = self.adapters[name]
-                weights = {k: v for k, v in w.items() if k != "alpha"}
+                weights = {k: self._own_shape(f"{name}.{k}", v) for k, v in w.items() if k != "alpha"}
                 if isinstance(adapter, DyLoRAModule):
                     if weights:
                         down, up = adapter.full_weights()
