@@ -19,7 +19,7 @@ from lib_lora_train.hosts.webui import WebUIHost, live_state_dict, step_text
 from lib_lora_train.hosts.webui_support import api_auth_dependencies
 from lib_lora_train.jobs import JobManager
 from lib_lora_train.prep.project import create_project
-from webui_standins import make_webui, same_as, snapshot
+from webui_standins import NOT_A_CHECKPOINT, make_webui, same_as, snapshot
 
 FAST = {"resolution": 64, "max_train_epochs": 1, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2,
         "learning_rate": 1e-3, "seed": 1, "cache_latents": True}
@@ -178,7 +178,8 @@ def test_a_run_on_the_loaded_model_leaves_it_bit_identical(tmp_path, webui):
     job = run_job(host, jobs, tmp_path, sample_prompts=prompts, sample_every_n_epochs=1)
     assert job.status == "done", job.error
     assert same_as(sd_model, before) == []        # bits, dtype, device, requires_grad of every tensor
-    assert not os.path.exists(ns.info.filename)   # the checkpoint file was never needed (model from memory)
+    with open(ns.info.filename, "rb") as fh:      # the checkpoint file was never needed (model from memory):
+        assert fh.read() == NOT_A_CHECKPOINT       # it is no checkpoint at all
     assert seen and all(s[0] for s in seen)       # generations waited for the whole run
     assert [s[2] for s in seen] == list(range(1, len(seen) + 1)) and seen[-1][1] == len(seen)
     assert seen[0][3].startswith("Epoch 1/1 · step 1/") and "\n" not in seen[0][3]

@@ -208,6 +208,7 @@ class LatentDiffusionStandIn(torch.nn.Module):
 
 
 FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
+NOT_A_CHECKPOINT = b"the WebUI's model is in memory; this file must never be read"
 
 
 def family_state_dict(family: str, seed: int = 0) -> dict:
@@ -276,8 +277,11 @@ def make_webui(tmp_path, *, sd_model=None, device="cpu", dtype=torch.float32, fa
     models = data / "models"
     ckpt_dir = models / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # The checkpoint file is never read (the model comes from memory), so it need not exist.
+    # The checkpoint file is never read (the model comes from memory): it holds bytes no loader accepts, so a run
+    # that read it would fail (it exists because a submitted run's checkpoint path is checked).
     info = checkpoint_info(str(ckpt_dir / f"tiny_{family}.safetensors"))
+    with open(info.filename, "wb") as fh:
+        fh.write(NOT_A_CHECKPOINT)
     if sd_model is None:
         sd_model = make_sd_model(dtype=dtype, checkpoint=info, family=family)
     elif sd_model.sd_checkpoint_info is None:
