@@ -207,3 +207,11 @@ def test_sdxl_lbw_vectors_and_auto_family():
     assert parse_block_weights("ALL", family="auto") == parse_block_weights("ALL")
     with pytest.raises(ConfigError, match="SDXL LoRA takes 12 values"):
         parse_block_weights(",".join(["1"] * 17), family="sdxl")
+
+
+def test_sdxl_block_table_matches_the_lbw_vectors():
+    from lib_lora_train.tools.blocks import LBW12, LBW20, SDXL_BLOCK_TABLE
+
+    assert tuple(r.name for r in SDXL_BLOCK_TABLE) == LBW20[1:]
+    assert tuple(r.name for r in SDXL_BLOCK_TABLE if r.lierla) == LBW12[1:]
+    assert not next(r for r in SDXL_BLOCK_TABLE if r.name == "IN00").c3lier         # conv_in: never adapted

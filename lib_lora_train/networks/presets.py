@@ -14,6 +14,8 @@ presets, fixed for diffusers / transformers models: "full" reaches time_embeddin
 upstream preset also lists TimestepEmbedding as a class and then wraps them twice), "attn-only" targets
 diffusers' `Attention` class (upstream names sd-scripts' CrossAttention / SelfAttention, which match nothing),
 "ia3" matches path suffixes (upstream anchors its patterns at the start of the path, which matches nothing).
+On SDXL, name patterns are matched against the sgm path of each layer (as LyCORIS sees sd-scripts' own SDXL
+U-Net), so the conv_in / conv_out / time_embedding names of "full" / "unet-only" match nothing there, as upstream.
 """
 from __future__ import annotations
 

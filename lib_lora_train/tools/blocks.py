@@ -120,6 +120,27 @@ def _rows() -> tuple[BlockRow, ...]:
 # Which block is which: for a table or picture in a UI (the engine does not render it).
 BLOCK_TABLE: tuple[BlockRow, ...] = _rows()
 
+def _sdxl_rows() -> tuple[BlockRow, ...]:
+    """SDXL's blocks by LBW name; `slot` is sd-scripts' SDXL training slot (the middle block spans 10-12)."""
+    parts = {0: "conv_in", 3: "downsampler (op)", 6: "downsampler (op)"}
+    rows = []
+    for i in range(9):
+        level = i and (i - 1) // 3
+        attn = i in (4, 5, 7, 8)
+        part = parts.get(i) or f"input_blocks.{i}: resnet" + (" + transformer" if attn else "") + f" (level {level})"
+        rows.append(BlockRow(1 + i, f"IN{i:02d}", part, attn, i != 0))
+    rows.append(BlockRow(11, "M00", "middle_block: resnet, transformer, resnet", True, True))
+    for i in range(9):
+        attn = i < 6
+        part = (f"output_blocks.{i}: resnet" + (" + transformer" if attn else "")
+                + (" + upsampler" if i in (2, 5) else ""))
+        rows.append(BlockRow(13 + i, f"OUT{i:02d}", part, attn, True))
+    return tuple(rows)
+
+
+# SDXL's blocks (LBW names as in the 20-value vector; BASE = both text encoders), for a table in a UI.
+SDXL_BLOCK_TABLE: tuple[BlockRow, ...] = _sdxl_rows()
+
 _RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
 
