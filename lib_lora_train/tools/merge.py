@@ -55,8 +55,7 @@ class LoadedInput:
         return float(self.spec.ratio) * block_ratio(name, self.weights)
 
 
-def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = None, *,
-                sd1_only: bool = False) -> list[LoadedInput]:
+def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = None) -> list[LoadedInput]:
     """Read every input network (a bare path / LoraFile means ratio 1); they must all be of one family."""
     if not inputs:
         raise ConfigError("no networks given (--models)")
@@ -64,8 +63,6 @@ def load_inputs(inputs: Sequence[LoraInput | Any], ctx: ToolContext | None = Non
     for i, spec in enumerate(inputs):
         spec = spec if isinstance(spec, LoraInput) else LoraInput(spec)
         lora = read_lora(spec.source)
-        if sd1_only and lora.family != "sd1":
-            raise ModelError(f"{lora.name} is a {lora.family} network; the tools handle SD1 networks only")
         if lora.family == "other":
             raise ModelError(f"{lora.name} is not a Stable Diffusion 1.x / 2.x / SDXL network")
         if out and lora.family != out[0].lora.family and not (
