@@ -4,8 +4,9 @@
 //
 // Inside the WebUI a running job also gets the WebUI's own progress bar: the progress view carries the job's
 // WebUI task id (data-task-id), and the WebUI's requestProgress() polls /internal/progress with it (bar, text
-// with epoch / loss / it/s / ETA, the latest sample as the live preview). The standalone page has no
-// requestProgress and keeps only the tab's own bar.
+// with epoch / loss / it/s, its ETA made ours by the host, the latest sample as the live preview); the text
+// line under it then drops its own ETA, so one ETA shows. The standalone page has no requestProgress and keeps
+// only the tab's own bar.
 (function () {
     if (window.loraTrainPollStarted) {
         return;
@@ -35,7 +36,8 @@
         // the WebUI places its bar above a gallery (absolute, 14 px up); here it sits in the flow instead, and
         // the tab's own bar steps aside while the WebUI's is shown (the text line under it stays)
         style.textContent = "#lora_train_webui_progress .progressDiv{position:relative;top:0;margin:4px 0;}" +
-            "#lora_train_root.lora-train-webui-progress .lora-train-progress{display:none;}";
+            "#lora_train_root.lora-train-webui-progress .lora-train-progress{display:none;}" +
+            "#lora_train_root.lora-train-webui-progress .lora-train-eta{display:none;}";
         document.head.appendChild(style);
     }
 

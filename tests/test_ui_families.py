@@ -56,3 +56,19 @@ def test_webui_tab_follows_the_loaded_model_when_it_changes(tmp_path):
     view = tab_module.open_view(ctx, "p")
     assert view["pp_resolution"] == 1024 and view["base_model"].endswith("(SDXL)")
     assert host.base_config()["resolution"] == "1024"
+
+
+def test_progress_line_shows_one_eta_that_the_webui_bar_replaces():
+    """Inside the WebUI its own bar carries the run's ETA (the host sets it so); the tab's text line hides its ETA
+    while that bar is shown (a CSS rule the tab's script adds), so one ETA is on screen."""
+    from types import SimpleNamespace
+
+    from lib_lora_train.ui import train_section
+    from lib_lora_train.ui.app import JS_FILE
+
+    job = SimpleNamespace(status="running", total_steps=10, step=3, epoch=1, epochs=2, loss=0.1, avg_loss=None,
+                          it_per_s=2.0, active=True, eta_s=65.0, started=1.0, finished=None)
+    out = train_section.progress_html(job, task_id="task(lora-train-x)")
+    assert out.count("ETA") == 1 and '<span class="lora-train-eta"> · ETA 1:05</span>' in out
+    with open(JS_FILE, encoding="utf-8") as fh:
+        assert ".lora-train-webui-progress .lora-train-eta{display:none;}" in fh.read()

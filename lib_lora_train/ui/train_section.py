@@ -60,11 +60,13 @@ def progress_html(job, tr=lambda s: s, task_id: str = "") -> str:
         parts.append(f"{tr('loss')} {job.avg_loss if job.avg_loss is not None else job.loss:.4f}")
     if job.it_per_s:
         parts.append(f"{job.it_per_s:.2f} it/s")
+    eta = ""
     if job.active and job.eta_s is not None:
-        parts.append(f"ETA {_clock(job.eta_s)}")
+        # hidden while the WebUI's own bar is shown: that bar carries the same (our) ETA, once
+        eta = f'<span class="lora-train-eta"> · ETA {_clock(job.eta_s)}</span>'
     elif job.started and job.finished:
         parts.append(f"{tr('took')} {_clock(job.finished - job.started)}")
-    text = html.escape(" · ".join(parts))
+    text = html.escape(" · ".join(parts)) + eta
     return (f'<div class="lora-train-progress" data-status="{html.escape(job.status)}" data-step="{job.step}" '
             f'data-total="{total}" data-task-id="{html.escape(task_id)}">'
             f'<div class="lora-train-progress-bar" style="width:{frac * 100:.1f}%"></div>'
