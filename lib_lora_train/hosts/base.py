@@ -68,7 +68,10 @@ def family_label(family: str, prediction_type: str | None = None) -> str:
 
 def checkpoint_kind(path: str) -> tuple[str, str] | None:
     """(family, prediction_type) of a checkpoint file from its keys and shapes only (the safetensors header),
-    cached per file version; None when it is missing or not a Stable Diffusion checkpoint."""
+    cached per file version; None when it is missing, not a Stable Diffusion checkpoint, or a .ckpt (reading
+    one means unpickling all of it: too slow for a label; the run itself still finds its family)."""
+    if not str(path or "").lower().endswith(".safetensors"):
+        return None
     try:
         st = os.stat(path)
     except (OSError, TypeError, ValueError):
