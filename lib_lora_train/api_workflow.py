@@ -7,9 +7,8 @@ list a run's outputs and delete a run's files. Every route calls the same engine
 cleaned up), paths must lie in the host's folders, bodies are size-limited. `api.mount` adds this router with the
 host's dependencies (the WebUI's --api-auth), like the run routes.
 """
-import email.parser
-import email.policy
 import os
+import re
 import shutil
 import uuid
 from typing import Any, Dict, List, Optional
@@ -231,19 +230,49 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_FILENAME = re.compile(r';\s*filename=(?:"((?:[^"\\\r\n]|\\.)*)"|([^;"\s]+))\s*(?:;|$)', re.IGNORECASE)
+_BOUNDARY = re.compile(r';\s*boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def _part_filename(head: bytes) -> Optional[str]:
+    """The file name of one part exactly as sent, or None for a plain form field. Parsed here rather than by
+    the email module, whose get_filename strips spaces and repairs broken quotes (both map one name onto
+    another) and whose header decoding replaces non-ASCII bytes."""
+    try:
+        lines = head.decode("utf-8").split("\r\n")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "file name: the part's headers are not UTF-8") from None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip().lower() != "content-disposition":
+            continue
+        m = _FILENAME.search(value)
+        if m is None:
+            if "filename" in value.lower():
+                raise HTTPException(400, f"file name: cannot read it from {value[:200]!r}")
+            return None
+        return re.sub(r"\\(.)", r"\1", m.group(1)) if m.group(1) is not None else m.group(2)
+    raise HTTPException(400, "files: a part has no Content-Disposition header")
+
+
 def parse_upload(content_type: str, body: bytes, filename: Optional[str]) -> List[tuple]:
     """(file name, bytes) of each file part of a multipart/form-data body, or of a raw body named by ?filename."""
     if content_type.lower().startswith("multipart/form-data"):
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
-        if not msg.is_multipart():
-            raise HTTPException(400, "files: the multipart body cannot be read")
+        m = _BOUNDARY.search(content_type)
+        if m is None:
+            raise HTTPException(400, "files: the multipart Content-Type has no boundary")
+        delimiter = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+        chunks = body.split(delimiter)
+        if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+            raise HTTPException(400, "files: the multipart body is cut short or malformed")
         files = []
-        for part in msg.iter_parts():
-            name = part.get_filename()
-            if name is None:
-                continue                               # a plain form field
-            files.append((name, part.get_payload(decode=True) or b""))
+        for chunk in chunks[1:-1]:
+            if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n") or b"\r\n\r\n" not in chunk:
+                raise HTTPException(400, "files: a multipart part is malformed")
+            head, _, data = chunk[2:-2].partition(b"\r\n\r\n")
+            name = _part_filename(head)
+            if name is not None:
+                files.append((name, data))
         if len(files) > MAX_UPLOAD_FILES:
             raise HTTPException(413, f"files: {len(files)} files in one upload; the limit is {MAX_UPLOAD_FILES}")
         return files
@@ -361,6 +390,7 @@ def build_workflow_router(jobs: Any, dependencies: List[Any]) -> APIRouter:
                 responses=_errors(400, 404))
     def get_caption(project: str, image: str = Query(..., description="Image path relative to img/")
                     ) -> CaptionInfo:
+        """The caption of one training image (`folder/file` relative to the project's img/)."""
         proj = wf.project(project)
         path = wf.resolve_image(proj, image)
         (cap,) = wf.tag_dataset(proj).captions(images=[path])

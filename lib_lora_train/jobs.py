@@ -155,6 +155,7 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
         self._lock = threading.Lock()
+        self._submitting = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. a page pushing updates
@@ -250,6 +251,10 @@ class JobManager:
 
     # ------------------------------------------------------------ control
     def submit(self, project: str, config: dict[str, Any]) -> Job:
+        with self._submitting:    # concurrent submits: each picks its free output name after the previous one
+            return self._submit(project, config)
+
+    def _submit(self, project: str, config: dict[str, Any]) -> Job:
         cfg = self.resolve_config(project, config)
         job = Job(uuid.uuid4().hex[:12], project, cfg.to_dict(), cfg.output_name, cfg.output_dir)
         job.record_path = record_paths(cfg.output_dir, cfg.output_name)[0]

@@ -14,6 +14,8 @@ from .errors import ConfigError
 
 MAX_NAME_BYTES = 200           # under every file system's 255, with room for suffixes like -000001.safetensors
 FORBIDDEN = set('/\\:*?"<>|\0')
+# slashes that NFKC leaves alone but that read as one: a name showing "a/b" is refused like "a/b"
+LOOKALIKE_SLASHES = set("\u2215\u2044\u29f8\u29f5\u2216\u29f9\u2571\u2572\u27cb\u27cd")
 _RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)$", re.IGNORECASE)
 
 
@@ -35,7 +37,7 @@ def _problem(name: object) -> str | None:
     if unicodedata.normalize("NFC", name) != name:
         return "is not in Unicode normal form C (it would look like another name)"
     folded = unicodedata.normalize("NFKC", name)
-    bad = sorted({c for c in name + folded if c in FORBIDDEN})
+    bad = sorted({c for c in name + folded if c in FORBIDDEN or c in LOOKALIKE_SLASHES})
     if bad:
         shown = ' '.join(repr(c) for c in bad)
         return f"contains {shown} (directly or as a look-alike character)"

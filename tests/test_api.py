@@ -111,8 +111,15 @@ def test_openapi_documents_the_routes(template, tmp_path):
     env = Env(template, tmp_path)
     spec = env.client.get("/openapi.json").json()
     paths = spec["paths"]
-    assert {p for p in paths if p.startswith(V1)} == {f"{V1}/projects", f"{V1}/runs", f"{V1}/runs/{{run_id}}",
-                                                       f"{V1}/runs/{{run_id}}/stop", f"{V1}/import"}
+    project = f"{V1}/projects/{{project}}"
+    assert {p for p in paths if p.startswith(V1)} == {
+        f"{V1}/projects", f"{V1}/runs", f"{V1}/runs/{{run_id}}", f"{V1}/runs/{{run_id}}/stop", f"{V1}/import",
+        f"{V1}/runs/{{run_id}}/outputs", f"{V1}/runs/{{run_id}}/files", f"{project}/images", f"{project}/import",
+        f"{project}/check", f"{project}/preprocess", f"{project}/autotag", f"{project}/captions",
+        f"{project}/caption", f"{project}/tags"}
+    for path, ops in paths.items():
+        for op in ops.values():
+            assert op.get("summary") and op.get("description"), (path, "documented on /docs")
     assert set(paths[f"{V1}/runs"]) == {"get", "post"} and set(paths[f"{V1}/runs/{{run_id}}/stop"]) == {"post"}
     assert "409" in paths[f"{V1}/runs/{{run_id}}/stop"]["post"]["responses"]
     schemas = spec["components"]["schemas"]
@@ -156,7 +163,7 @@ def test_bad_requests_get_clear_4xx(template, tmp_path):
     env = Env(template, tmp_path, runner=GatedRunner())
     cases = [
         ({"project": "ghost", "config": {}}, 404, "'ghost' does not exist"),
-        ({"project": "../star", "config": {}}, 400, "plain folder name"),
+        ({"project": "../star", "config": {}}, 400, "contains '/'"),
         ({"project": "star", "config": {"netwrok_dim": 4}}, 400, "did you mean 'network_dim'"),
         ({"project": "star", "config": {"network_dim": "many"}}, 400, "network_dim: expected int"),
         ({"project": "star", "config": {"train_data_dir": "/tmp"}}, 400, "set from the project"),
