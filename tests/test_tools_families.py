@@ -254,3 +254,16 @@ def test_extract_on_sd2_writes_v2_metadata(tmp_path):
     assert res.metadata["ss_v2"] == "True" and res.metadata["ss_base_model_version"] == "sd_v2_v"
     assert res.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert res.metadata["modelspec.resolution"] == "768x768"
+
+
+def test_comfyui_style_sdxl_names_are_read_as_sd_scripts_names():
+    t = {"diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(2, 2048),
+         "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.zeros(640, 2),
+         "diffusion_model.output_blocks.2.2.conv.lora_down.weight": torch.zeros(2, 1280, 3, 3),
+         "diffusion_model.output_blocks.2.2.conv.lora_up.weight": torch.zeros(1280, 2, 1, 1)}
+    from lib_lora_train.tools.formats import normalise
+
+    lora = normalise(t)
+    assert lora.family == "sdxl" and lora.convention == "comfyui"
+    assert set(lora.modules) == {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+                                 "lora_unet_output_blocks_2_2_conv"}

@@ -161,6 +161,9 @@ def _canonical(module: str, sdxl: bool) -> tuple[str, str]:
     if module.startswith("model.diffusion_model."):
         module = module[len("model."):]
     root, _, rest = module.partition(".")
+    if sdxl and root in ("diffusion_model", "unet", "model") and rest.startswith(_LDM_UNET_ROOTS):
+        # SDXL's sd-scripts names are the sgm paths themselves (ComfyUI / OneTrainer "omi" spell them dotted)
+        return "lora_unet_" + rest.replace(".", "_"), "comfyui" if root == "diffusion_model" else "onetrainer-omi"
     if root == "diffusion_model" and rest.startswith(_LDM_UNET_ROOTS) and not sdxl:   # ComfyUI-style ldm names
         new = _ldm_to_diffusers_name(rest.replace(".", "_"))
         if new is not None:
