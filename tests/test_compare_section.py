@@ -147,13 +147,13 @@ def test_stop_ends_a_running_grid(env):
     gen = sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, "", interval=0.05)
     t = threading.Thread(target=lambda: outs.extend(gen))
     t.start()
-    deadline = time.time() + 3
+    deadline = time.time() + 30
     while not any("1/4 cells" in o.get("status", "") for o in outs) and time.time() < deadline:
         time.sleep(0.02)                                    # the handler reports the host's progress
     second = list(sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, ""))
     assert second[-1]["status"].startswith("A grid is already being made") and len(host.requests) == 1
     assert sec.stop().startswith("Stopping")
-    t.join(5)
+    t.join(30)
     assert host.stops == [True] and outs[-1]["status"].startswith("Stopped")
     assert any("1/4 cells" in o.get("status", "") for o in outs[:-1])
     assert sec.stop() == "Nothing is running."
