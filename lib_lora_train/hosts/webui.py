@@ -1,4 +1,5 @@
-"""The WebUI host: training on the checkpoint the AUTOMATIC1111 WebUI has loaded, progress in the WebUI's own bar.
+"""The WebUI host: training on the checkpoint the AUTOMATIC1111 WebUI has loaded (SD 1.x, SD 2.x or SDXL; family
+and v-prediction as the WebUI decided them, webui_model.py), progress in the WebUI's own bar (webui_progress.py).
 
 This module never imports the WebUI. `scripts/lora_train.py` (the only file the WebUI loads) hands the WebUI's
 modules in as a `WebUI` bundle, so the engine stays importable without the WebUI and tests pass small stand-ins.
@@ -9,7 +10,8 @@ What a run does to the WebUI (all undone on exit, also after an error or an inte
 - clears the networks the built-in Lora extension left applied and puts the backed-up original weights back, so
   no LoRA is baked into the weights the run trains on;
 - builds the engine's SDModel from the live model's tensors (shared, not copied, where dtype and device match);
-- under --medvram moves the three big parts to the device for the run and back afterwards; --lowvram is refused;
+- under --medvram(-sdxl) moves the U-Net, VAE and text encoder(s) to the device for the run and back afterwards;
+  --lowvram is refused;
 - drives `shared.state` (job count = steps, text, live preview) and stops at the WebUI's Interrupt.
 """
 import contextlib
