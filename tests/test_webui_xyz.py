@@ -359,3 +359,22 @@ def test_cells_without_our_axes_are_left_to_the_webui(tmp_path):
     assert res.images[0].getextrema()[0] == (0, 0)                   # untouched: the WebUI's own result
     wx.register_axes(web.xyz, lambda: str(root))
     assert web.xyz.process_images is wrapped                         # wrapped once, however often registered
+
+
+def test_a_lora_that_matched_no_layer_is_a_failed_cell(tmp_path):
+    """A LoRA of another family loads in the WebUI's Lora extension with no layer matched (it says so only in a
+    debug log) and the cell looks like the base model: read from loaded_networks, it is marked failed."""
+    root = tmp_path / "Lora"
+    root.mkdir()
+    nets = networks_for(root)
+    nets.loaded_networks = []
+    web, _ = web_with_axes(tmp_path, networks=nets)
+    record = make_run(root, "p", "run", 2, created=1)
+
+    def on_cell(n):                                  # what the extension loaded for this cell's <lora:...>
+        stem = "run-000001" if n == 1 else "run"
+        nets.loaded_networks[:] = [SimpleNamespace(name=stem, modules={} if n == 1 else {"layer": object()})]
+    web.standin.on_cell = on_cell
+    res = wx.run_compare_grid(web, CompareRequest(record_path=record, weights=[1.0], seed=1, steps=2))
+    assert [(f.epoch, f.weight) for f in res.failed] == [(1, 1.0)]
+    assert "run-000001 matched no layer of the loaded model" in res.failed[0].reason

@@ -239,7 +239,7 @@ def register_axes(xyz_module: Any, loras_dir: Callable[[], str], *, networks: Ca
               cost=0.3, choices=index.stems),
         _axis(xyz_module, WEIGHT_AXIS, float, apply_weight, confirm=confirm_weight),
     ]
-    guard_cells(xyz_module)         # cells with our axes that fail show as "failed", not black
+    guard_cells(xyz_module, networks)   # cells with our axes that fail show as "failed", not black
     options = xyz_module.axis_options
     for axis in axes:
         at = next((i for i, o in enumerate(options) if getattr(o, "label", None) == axis.label), None)
@@ -400,7 +400,7 @@ def run_compare_grid(webui_modules: Any, request: Any, *, stop: Optional[threadi
     p.is_api = True     # before script_args: the built-in seed/sampler scripts must not reset p from UI defaults
     p.scripts = runner
     p.script_args = tuple(full_script_args(runner, script, xyz_args))
-    guard_cells(find_xyz_module(m.scripts))
+    guard_cells(find_xyz_module(m.scripts), m.lora_networks)
     failed: list = []
     setattr(p, FAILED_ATTR, failed)       # the cells' copies of p share this list
     guard = _StateGuard(m.shared.state, stop, progress)

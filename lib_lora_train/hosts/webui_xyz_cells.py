@@ -55,10 +55,32 @@ def _size(p: Any) -> tuple[int, int]:
     return int(getattr(p, "width", 512) or 512), int(getattr(p, "height", 512) or 512)
 
 
-def guard_cells(xyz_module: Any) -> bool:
-    """Wrap the module's process_images once (idempotent). False when there is nothing to wrap."""
+def lora_reason(networks: Optional[Callable[[], Any]], p: Any) -> Optional[str]:
+    """Why the cell's LoRA did not take effect, from the built-in Lora extension's loaded_networks after the cell:
+    not loaded at all, or loaded with no layer matched (a LoRA of another model family loads "fine" and changes
+    nothing; the extension says so only in a debug log)."""
+    nets = networks() if networks is not None else None
+    stem, _weight = _where(p)
+    loaded = getattr(nets, "loaded_networks", None)
+    if not stem or not isinstance(loaded, list):
+        return None
+    net = next((n for n in loaded if getattr(n, "name", None) == stem), None)
+    if net is None:
+        return f"the WebUI's Lora extension did not load {stem}"
+    if hasattr(net, "modules") and not net.modules:
+        return f"{stem} matched no layer of the loaded model (a LoRA of another model family?)"
+    return None
+
+
+def guard_cells(xyz_module: Any, networks: Optional[Callable[[], Any]] = None) -> bool:
+    """Wrap the module's process_images once (idempotent). False when there is nothing to wrap. `networks()`:
+    the built-in Lora extension's module (None: not checked)."""
     original = getattr(xyz_module, "process_images", None)
-    if original is None or getattr(original, GUARD_MARK, False):
+    if original is not None and getattr(original, GUARD_MARK, False):
+        if networks is not None:
+            original.lora_train_networks = networks      # the caller's view of the extension (latest wins)
+        return False
+    if original is None:
         return False
 
     def process_images(p: Any) -> Any:
@@ -75,13 +97,14 @@ def guard_cells(xyz_module: Any) -> bool:
         images = list(getattr(res, "images", None) or [])
         if not images or _interrupted(xyz_module):
             return res                      # interrupted: the WebUI's own blank cell
-        reason = bad_image_reason(images)
+        reason = bad_image_reason(images) or lora_reason(process_images.lora_train_networks, p)
         if reason is not None:
             _record(p, reason)
             res.images = [failed_tile(im.size, reason) for im in images]
         return res
 
     setattr(process_images, GUARD_MARK, True)
+    process_images.lora_train_networks = networks
     process_images.__wrapped__ = original
     xyz_module.process_images = process_images
     return True
