@@ -88,12 +88,12 @@ def cmd_presets(args: argparse.Namespace, rest: list[str]) -> int:
           + (", ".join(presets.user_dirs(dirs)) or f"a folder named in ${presets.ENV_DIRS}"))
     for name, p in found.items():
         print(f"\n{name}  ({p.source}){'  suggested repeats: ' + str(p.repeats) if p.repeats else ''}")
-        if p.description:
-            print(f"  {p.description}")
         for fam in families:
             if fam in p.families:
                 vals = p.values(fam)
-                print(f"  {fam}: " + ", ".join(f"{k}={v}" for k, v in vals.items()))
+                if p.describe(fam):
+                    print(f"  {fam}: {p.describe(fam)}")
+                print(f"  {' ' * len(fam)}  " + ", ".join(f"{k}={v}" for k, v in vals.items()))
     return EXIT_OK
 
 
