@@ -118,6 +118,10 @@ class ForgeEngineStandIn:
             vae = module_from(sd, VAE, dtype=dtype)
             clip_l = torch.nn.Module()
             clip_l.add_module("transformer", module_from(sd, TE, dtype=dtype))
+            embeddings = clip_l.transformer.text_model.embeddings    # wrapped for textual inversion, as Forge does
+            wrapper = torch.nn.Module()
+            wrapper.add_module("wrapped", embeddings.token_embedding)
+            embeddings.token_embedding = wrapper
             text = torch.nn.ModuleDict({"clip_l": clip_l})
         kmodel = torch.nn.Module()
         kmodel.add_module("diffusion_model", diffusion_model)

@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable
 
 from ..errors import ConfigError, ModelError
+from .webui_model import strip_wrapped
 
 FAMILY_FLAGS = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
 QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
@@ -88,7 +89,8 @@ def _text_state_dict(text: Any, family: str, transformers_to_openclip: Callable)
             enc = text[name]
         if enc is None:
             raise ModelError(f"Forge's text encoder has no '{name}' model")
-        return dict(enc.transformer.state_dict(keep_vars=True))
+        # Forge's text engine wraps the token embedding for textual inversion (`token_embedding.wrapped`)
+        return {strip_wrapped(k): t for k, t in enc.transformer.state_dict(keep_vars=True).items()}
 
     if family == "sd1":
         return {"cond_stage_model.transformer." + k: t for k, t in hf("clip_l").items()}
