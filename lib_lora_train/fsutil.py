@@ -142,9 +142,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
                 os.fsync(fh.fileno())
         refuse()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            exc.filename = path           # a full disk says which file it could not write
         raise
     if sync:
         fsync_dir(folder)
