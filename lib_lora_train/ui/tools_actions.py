@@ -300,7 +300,8 @@ def lora_inputs(host, rows: Sequence[LoraRow], dylora_rank: int | None = None):
         path = resolve_lora(host, r.lora, what=f"LoRA {i}")
         ratio = 1.0 if r.ratio is None or r.ratio == "" else float(r.ratio)
         blocks = (r.blocks or "").strip() or None
-        parse_block_weights(blocks, what=f"block weights of LoRA {i}")     # a clear error before any work
+        parse_block_weights(blocks, what=f"block weights of LoRA {i}",      # a clear error before any work;
+                            family="auto")                         # the merge checks the LoRA's family
         dy = rank if rank and read_safetensors_metadata(path).get("ss_network_module") == "networks.dylora" \
             else None
         out.append(LoraInput(path, ratio, blocks, dy))
