@@ -124,9 +124,12 @@ def _ctx(tmp_path):
     return UIContext(host, JobManager(host))
 
 
-def test_import_fills_the_form_and_export_writes_sd_scripts_toml(tmp_path):
+def test_import_fills_the_form_and_export_writes_sd_scripts_toml(tmp_path, monkeypatch):
     import json
     import tomllib
+
+    from lib_lora_train import presets
+    monkeypatch.setattr(presets, "_registered", [])   # the user folder registered below ends with this test
 
     from lib_lora_train.ui import form_store
     from lib_lora_train.ui.settings_io import export_sd_scripts, import_upload, user_presets_dir
