@@ -161,3 +161,25 @@ def test_cached_latents_keep_a_run_going_when_an_image_changes(ckpt, data):
     result = train(make_cfg(ckpt, data, cache_latents=True, max_train_epochs=1),
                    sink=lambda e: victim.unlink() if e.kind == START else None)
     assert result.status == "done"
+
+
+def test_a_truncated_or_foreign_latent_cache_file_is_never_used(ckpt, data):
+    """A damaged cache file is encoded again; one from another model has another name and is never read."""
+    from lib_lora_train.record import read_events
+
+    def cache_log(out):
+        return [e["message"] for e in read_events(os.path.join(out, "demo.events.jsonl"))
+                if "latent cache:" in e.get("message", "")][-1]
+    out = str(data / "out")
+    train(make_cfg(ckpt, data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True))
+    cache = data / "out" / ".latents"
+    files = sorted(cache.iterdir())
+    assert len(files) == 4
+    files[0].write_bytes(files[0].read_bytes()[:100])                       # truncated
+    train(make_cfg(ckpt, data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True, overwrite=True))
+    assert "'disk_hits': 3" in cache_log(out) and "'encoded': 1" in cache_log(out)
+    other = data.parent / (data.name + "-other.safetensors")
+    write_tiny_checkpoint(str(other), seed=1)
+    train(make_cfg(str(other), data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True,
+                   overwrite=True))
+    assert "'disk_hits': 0" in cache_log(out) and "'encoded': 4" in cache_log(out)
