@@ -273,3 +273,44 @@ def test_text_encoder_cache_refused_where_captions_change(tmp_path):
                                 cache_text_encoder_outputs=True, max_train_steps=1))
     with pytest.raises(ConfigError, match="1_zkz: shuffle_caption"):
         train(cfg)
+
+
+# ---------------------------------------------------------------- through train()
+
+def _sd1_run(tmp_path, name, **extra):
+    from PIL import Image
+    from lib_lora_train.events import STEP
+    from lib_lora_train.models import write_tiny_checkpoint
+    from lib_lora_train.training.loop import train
+    ckpt = tmp_path / "sd1.safetensors"
+    if not ckpt.exists():
+        write_tiny_checkpoint(str(ckpt), seed=0)
+        folder = tmp_path / "data" / "1_zkz"
+        folder.mkdir(parents=True)
+        g = torch.Generator().manual_seed(2)
+        for i in range(2):
+            Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+                folder / f"{i}.png")
+    events = []
+    cfg = config_from_dict(dict(pretrained_model_name_or_path=str(ckpt), train_data_dir=str(tmp_path / "data"),
+                                output_dir=str(tmp_path / "out"), output_name=name, resolution="64",
+                                network_dim=4, network_alpha=4, learning_rate=1e-3, max_train_steps=2, seed=1,
+                                cache_latents=True, device="cpu", **extra))
+    result = train(cfg, sink=events.append)
+    return result, [e.data["loss"] for e in events if e.kind == STEP]
+
+
+@needs_fp8
+def test_fp8_base_and_full_bf16_train_end_to_end_on_cpu(tmp_path):
+    from safetensors.torch import load_file
+    result, losses = _sd1_run(tmp_path, "fp8", mixed_precision="bf16", fp8_base=True)
+    assert result.status == "done" and len(losses) == 2 and all(l == l for l in losses)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "fp8.safetensors"), "pt") as f:
+        assert f.metadata()["ss_fp8_base"] == "True"
+    result, losses = _sd1_run(tmp_path, "bf16", mixed_precision="bf16", full_bf16=True, save_precision="bf16",
+                              optimizer_type="Adafactor", fused_backward_pass=True,
+                              optimizer_args=["relative_step=False"], gradient_checkpointing=True)
+    assert result.status == "done" and all(l == l for l in losses)
+    tensors = load_file(str(tmp_path / "out" / "bf16.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())

@@ -86,6 +86,7 @@ def test_sd2_v_model_trains_with_zero_terminal_snr(v_ckpt, tmp_path):
         meta = f.metadata()
         keys = list(f.keys())
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
+    assert meta["ss_zero_terminal_snr"] == "True"
     assert any(k.startswith("lora_te_") for k in keys)
 
 

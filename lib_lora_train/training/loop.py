@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 import os
 import random
 import threading
@@ -23,18 +22,20 @@ from ..fsutil import fault_point
 from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAVED, START, STATE_SAVED, STEP, WARNING, Event,
                       EventSink, fan_out)
 from ..record import RunRecord
+from . import distributed
 from . import metadata as md
 from .data_setup import build_training_data, captions_for, make_latent_source
 from .evaluate import Validator
 from .guards import LossGuard, check_state_identity, clean_leftovers, explain_failure, state_identity
-from .memory import enable_checkpointing, fp8_targets, store_in_fp8, use_sdpa
+from .memory import enable_checkpointing, fp8_targets, store_in_fp8
+from .model_setup import prepare_model
 from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weights, sample_noise, \
-    sample_timesteps, target_for, with_zero_terminal_snr
+    sample_timesteps, target_for
 from .optim import make_optimizer
 from .previews import Previews
 from .schedulers import make_scheduler
 from .state import load_train_state, restore_into, save_train_state
-from .te_cache import TextSource, check_cacheable
+from .te_cache import text_source
 from .update import Updater
 
 
@@ -101,78 +102,43 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     """Run one training job. `model` (an SDModel) is used as given when a host already holds one.
     `preview_renderer(lora_path, specs, weight) -> [PIL images]`: a host's own pipeline for the previews (the
     WebUI's), given the network saved to a file at that moment; on its failure the built-in sampler makes them."""
-    from ..dataset import process_caption
     from ..dataset.sizes import batch_sizes
-    from ..models import ensure_hashes, load_sd_model
-    from ..models.conditioning import effective_clip_skip, family_traits, unet_inputs
+    from ..models.conditioning import unet_inputs
     from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
 
     stop = stop or threading.Event()
+    dctx = distributed.setup(cfg, host_model=model is not None)   # torchrun / accelerate launch; else 1 process
     _check_outputs_free(cfg)
+    dctx.barrier("checking the output folder")                     # every process checked before rank 0 writes
     os.makedirs(cfg.output_dir, exist_ok=True)
-    record = RunRecord(cfg.output_dir, cfg.output_name, cfg.to_dict(), resume=bool(cfg.resume))
-    emit = fan_out([record, sink])
+    record = RunRecord(cfg.output_dir, cfg.output_name, cfg.to_dict(), resume=bool(cfg.resume)) \
+        if dctx.is_main else distributed.Silent()                  # only rank 0 writes; the others report errors
+    emit = fan_out([record, sink]) if dctx.is_main else distributed.errors_only(sink)
     result = RunResult(status="failed", record_path=record.path)
-    restore: list = []   # undo actions for a model we did not load ourselves
+    restore: list = [dctx.close]   # undo actions for a model we did not load ourselves
     try:
-        clean_leftovers(cfg, emit)         # guards.py: temp files of a process killed mid-save
-        device = resolve_device(cfg.device)
+        if dctx.is_main:
+            clean_leftovers(cfg, emit)     # guards.py: temp files of a process killed mid-save
+        device = dctx.device or resolve_device(cfg.device)
         weight_dtype, autocast_dtype = _dtypes(cfg, device)
 
         # ---------------------------------------------------------------- model
         host_model = model is not None
-        if model is None:
-            emit(Event(LOG, {"message": f"loading {cfg.pretrained_model_name_or_path}"}))
-            if not cfg.pretrained_model_name_or_path:
-                raise ConfigError("pretrained_model_name_or_path: no checkpoint given")
-            overrides = {"prediction_type": "v_prediction"} if cfg.v_parameterization else None
-            model = load_sd_model(cfg.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
-                                  overrides=overrides)
-            if not cfg.no_half_vae and weight_dtype == torch.float16 and device.type == "cpu":
-                model.vae.to(torch.float32)   # fp16 convolutions are not implemented on every CPU build
-        else:
-            restore.append(_remember_modes(model))
-        unet, vae = model.unet, model.vae
-        unet_dtype = unet.dtype            # the compute dtype (fp8_base below only changes how weights are stored)
-        text_encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
-        traits = family_traits(model)
-        _check_family(cfg, model.info.family)
-        if (cfg.no_half_vae or traits.vae_fp32) and vae.dtype != torch.float32:
-            restore.append(lambda v=vae, d=vae.dtype: v.to(d))
-            vae.to(torch.float32)      # SDXL's VAE overflows to NaN in fp16 (sd-scripts: no_half_vae)
-        info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
-        if cfg.v_parameterization and info.prediction_type != "v_prediction":
-            info.prediction_type, info.base_model_version = "v_prediction", info.base_model_version + "_v"
-        scheduler_cfg = model.noise_scheduler
-        if cfg.zero_terminal_snr:
-            if info.prediction_type != "v_prediction":
-                raise ConfigError("zero_terminal_snr needs a v-prediction model (or v_parameterization = true): "
-                                  "with zero terminal SNR an epsilon model has nothing to predict at the last step")
-            scheduler_cfg = with_zero_terminal_snr(scheduler_cfg)
-        clip_skip, clip_warning = effective_clip_skip(model, cfg.clip_skip)
-        if clip_warning:
-            emit(Event(WARNING, {"message": clip_warning}))
-        restore.append(use_sdpa(unet))
+        prep = prepare_model(cfg, model, device, weight_dtype, emit, restore)
+        model, info, scheduler_cfg, clip_skip = prep.model, prep.info, prep.scheduler, prep.clip_skip
+        unet, unet_dtype, text_encoders = model.unet, prep.unet_dtype, prep.text_encoders
 
         # ---------------------------------------------------------------- data
         data, folder_mode = build_training_data(cfg, emit)
         from ..dataset import plan_steps_for_data
         plan = plan_steps_for_data(data, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                   max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps)
+                                   max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps,
+                                   num_processes=dctx.world_size)
         summary = data.summary()
-        latents = make_latent_source(cfg, data, model, device, emit)
-        cache_te = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
-        if cache_te:
-            check_cacheable(data)
-        text = TextSource(model, clip_skip=clip_skip, max_token_length=cfg.max_token_length, device=device,
-                          cache=cache_te, autocast=lambda: _autocast(device, autocast_dtype),
-                          cache_dir=(cfg.latents_cache_dir or os.path.join(cfg.output_dir, ".te_outputs"))
-                          if cfg.cache_text_encoder_outputs_to_disk else None)
-        if cache_te:   # captions are fixed (check_cacheable), so processing them once gives every step's text
-            text.prepare(process_caption(it.caption, it.subset, epoch=1, step=0, max_steps=plan.total_steps,
-                                         rng=random.Random(0)) for it in data.items)
-            emit(Event(LOG, {"message": f"text-encoder outputs cached: {text.encoded} encoded, "
-                                        f"{text.disk_hits} read from disk"}))
+        with dctx.main_first("latent and text-encoder caches"):   # rank 0 writes on-disk caches, then the rest read
+            latents = make_latent_source(cfg, data, model, device, emit)
+            text = text_source(cfg, data, model, device, clip_skip=clip_skip, max_steps=plan.total_steps,
+                               autocast=lambda: _autocast(device, autocast_dtype), emit=emit)
         for module in fp8_targets(cfg, model, host_model=host_model):
             store_in_fp8(module, weight_dtype)
 
@@ -192,6 +158,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             tensors, _ = read_network_file(cfg.network_weights)
             network.load_tensors(tensors)
             emit(Event(LOG, {"message": f"started from {cfg.network_weights}"}))
+        dctx.broadcast_parameters(network.parameters())   # every process starts from rank 0's weights
         network.apply_to()
         restore.append(network.remove)
         if cfg.full_fp16 or cfg.full_bf16:
@@ -221,6 +188,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             check_state_identity(state, cfg, info, net_cfg)    # guards.py: not another run's or model's state
             restore_into(state, network, optimizer, lr_scheduler)
             global_step, first_epoch = state.global_step, state.epoch
+            global_step = distributed.adapt_resume(state, dctx, plan, cfg.gradient_accumulation_steps,
+                                                   lr_scheduler, emit, record)   # saved by N processes, now M
             emit(Event(LOG, {"message": f"resumed from {cfg.resume} at epoch {first_epoch}, step {global_step}"}))
 
         run_meta = md.training_metadata(
@@ -229,6 +198,10 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             network_dim=net_cfg.dim, network_alpha=net_cfg.alpha, network_args=net_cfg.network_args,
             folder_mode=folder_mode,
             session_id=derive_seed(cfg.seed_value, 7) % (2 ** 32) if cfg.seed is not None else None)
+        distributed.adjust_metadata(run_meta, dctx, data.num_batches_per_epoch)
+        if dctx.enabled:
+            record.set(distributed={**dctx.describe(), "global_batch_size": cfg.train_batch_size * dctx.world_size
+                                    * cfg.gradient_accumulation_steps})
         record.set(model={"name": info.name, "family": info.family, "prediction_type": info.prediction_type,
                           "sha256": info.sha256, "legacy_hash": info.legacy_hash},
                    dataset=_record_dataset(summary, data),
@@ -236,6 +209,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                    optimizer=optimizer_description)
 
         def save_lora(path: str, epoch: int, kind: str) -> None:
+            if not dctx.is_main:
+                return
             tensors = network.save_tensors(_save_dtype(cfg))
             meta = md.for_save(run_meta, cfg, model_info=info, step=global_step, epoch=epoch)
             hashes = save_network_file(path, tensors, meta, overwrite=True)
@@ -244,16 +219,18 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
 
         def save_state(name: str, epoch: int) -> str:
             path = os.path.join(cfg.output_dir, name)
+            if not dctx.is_main:
+                return path
             save_train_state(path, network_tensors=network.save_tensors(), optimizer=optimizer,
                              scheduler=lr_scheduler, epoch=epoch, global_step=global_step,
                              extra={"output_name": cfg.output_name, "total_steps": plan.total_steps,
-                                    **state_identity(cfg, info, net_cfg)})
+                                    **state_identity(cfg, info, net_cfg), **distributed.state_extra(dctx, plan)})
             emit(Event(STATE_SAVED, {"path": path, "epoch": epoch, "step": global_step}))
             return path
 
         def keep_last_good() -> str | None:
             """guards.py: a diverged run keeps the file of its last completed epoch (when its weights are finite)."""
-            if last_epoch_tensors is None:
+            if last_epoch_tensors is None or not dctx.is_main:
                 return None
             ep, step_at, tensors = last_epoch_tensors
             path = output_file(cfg, f"-{ep:06d}")
@@ -273,6 +250,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         sampler = Previews(cfg, model, network, emit, renderer=preview_renderer, write_lora=write_preview_lora)
         validator = Validator(cfg, data, model, latents, emit, autocast=lambda: _autocast(device, autocast_dtype),
                               scheduler=scheduler_cfg)
+        if not dctx.is_main:
+            sampler = validator = distributed.Silent()
         record.set(validation_source={"source": validator.source, "images": len(validator.items)}
                    if validator.enabled else None)
         emit(Event(START, {"total_steps": plan.total_steps, "epochs": plan.epochs,
@@ -293,16 +272,19 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         interrupted = False
         loss_guard = LossGuard(cfg, patience=3 if scaler is not None else 1)   # guards.py: NaN / inf loss
         for epoch in range(first_epoch, plan.epochs):
-            batches = data.batches_for_epoch(epoch)
+            epoch_batches = data.batches_for_epoch(epoch, group=dctx.world_size)
+            batches = dctx.shard(epoch_batches)           # distributed.py: this process's share
             steps_done_in_epoch = global_step - epoch * plan.steps_per_epoch
             first_batch = max(0, steps_done_in_epoch) * ga
             epoch_loss, epoch_count = 0.0, 0
             for b_index in range(first_batch, len(batches)):
                 batch = batches[b_index]
                 seed = derive_seed(cfg.seed_value, epoch, b_index)
-                gen = torch.Generator().manual_seed(seed)
-                torch.manual_seed(seed)                   # dropout inside network modules
-                caption_rng = random.Random(seed)
+                step_parts = dctx.step_batches(epoch_batches, b_index)   # None in a single process
+                own_seed = dctx.rank_seed(seed, derive_seed)             # (seed, epoch, batch, rank)
+                gen = torch.Generator().manual_seed(dctx.step_seed(seed, step_parts, derive_seed))
+                torch.manual_seed(own_seed)               # dropout inside network modules
+                caption_rng = random.Random(own_seed)
                 network.before_step(gen)
 
                 fault_point(f"step:{global_step + 1}")   # fault tests only (fsutil.py)
@@ -312,14 +294,16 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 with _autocast(device, autocast_dtype):
                     with torch.set_grad_enabled(train_te):
                         cond = text.encode(captions)      # hidden states (+ SDXL's pooled embedding)
-                    noise = sample_noise(lat, gen, noise_offset=cfg.noise_offset,
+                    lat_all, mine = dctx.rows(lat, step_parts)   # draw for the step's global batch, keep own rows
+                    noise = sample_noise(lat_all, gen, noise_offset=cfg.noise_offset,
                                          noise_offset_random_strength=cfg.noise_offset_random_strength,
                                          adaptive_noise_scale=cfg.adaptive_noise_scale,
                                          multires_noise_iterations=cfg.multires_noise_iterations,
                                          multires_noise_discount=cfg.multires_noise_discount)
-                    timesteps = sample_timesteps(lat.shape[0], gen, min_timestep=cfg.min_timestep or 0,
+                    timesteps = sample_timesteps(lat_all.shape[0], gen, min_timestep=cfg.min_timestep or 0,
                                                  max_timestep=cfg.max_timestep or 1000, device=device)
                     noisy_in = ip_noise(noise, cfg.ip_noise_gamma, gen) if cfg.ip_noise_gamma else noise
+                    noise, noisy_in, timesteps = noise[mine], noisy_in[mine], timesteps[mine]
                     noisy = scheduler_cfg.add_noise(lat, noisy_in, timesteps)
                     pred = unet(noisy.to(unet_dtype), timesteps,
                                 **unet_inputs(model, cond, batch_sizes(batch), unet_dtype)).sample
@@ -336,7 +320,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                                          info.prediction_type).to(weights.device)
                 loss = (per_sample * weights).mean()
                 updater.backward(loss)
-                loss_value = float(loss.detach())
+                loss_value = dctx.mean_value(loss.detach())   # the global batch's loss (this one's alone: 1 process)
                 loss_guard.check(loss_value, global_step + 1, epoch + 1, network, keep=keep_last_good)
                 epoch_loss += loss_value
                 epoch_count += 1
@@ -344,6 +328,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 end_of_step = (b_index + 1) % ga == 0 or b_index + 1 == len(batches)
                 if not end_of_step:
                     continue
+                dctx.average_gradients(updater.params)   # distributed.py: mean over processes (no-op alone)
                 updater.step()
                 lr_scheduler.step()
                 global_step += 1
@@ -371,7 +356,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                     validator.run(network, at="step", epoch=epoch + 1, step=global_step)
                 if global_step >= plan.total_steps:
                     break
-                if stop.is_set() and b_index + 1 < len(batches):   # at an epoch's end, finish the epoch first
+                if dctx.agree(stop.is_set()) and b_index + 1 < len(batches):   # at an epoch's end, finish the epoch first
                     interrupted = True
                     break
             if interrupted:
@@ -387,21 +372,22 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
             if cfg.save_every_n_epochs and done_epochs % cfg.save_every_n_epochs == 0 and not is_last:
                 save_lora(output_file(cfg, f"-{done_epochs:06d}"), done_epochs, "epoch")
-                _prune_old_epochs(cfg, done_epochs, emit)
+                if dctx.is_main:
+                    _prune_old_epochs(cfg, done_epochs, emit)
                 if cfg.save_state:
                     save_state(f"{cfg.output_name}-{done_epochs:06d}-state", done_epochs)
             if sampler.due_epoch(done_epochs, is_last):
                 sampler.make(done_epochs, global_step)
             if is_last:
                 break
-            if stop.is_set():
+            if dctx.agree(stop.is_set()):
                 interrupted = True
                 break
 
         if interrupted:
             # A stop request: a resumable state, and the file of the last completed epoch.
             state_path = save_state(f"{cfg.output_name}-state", completed_epochs)
-            if last_epoch_tensors is not None:
+            if last_epoch_tensors is not None and dctx.is_main:
                 ep, step_at, tensors = last_epoch_tensors
                 path = output_file(cfg, f"-{ep:06d}")
                 if not os.path.exists(path):
@@ -414,6 +400,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             raise Interrupted(f"stopped at step {global_step}; resume with resume = \"{state_path}\"")
 
         # ---------------------------------------------------------------- the end
+        dctx.check_in_sync(network.save_tensors(), record, emit)   # distributed.py: every process, same weights
         save_lora(output_file(cfg), min(epoch + 1, plan.epochs), "final")
         if cfg.save_state_on_train_end:
             result.state_dir = save_state(f"{cfg.output_name}-state", plan.epochs)
@@ -449,28 +436,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     else:
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
-
-
-def _check_family(cfg: TrainConfig, family: str) -> None:
-    """sd-scripts' v2 / sdxl flags are assertions about the checkpoint here (the family is read from its keys)."""
-    for flag, want, what in (("v2", "sd2", "SD 2.x"), ("sdxl", "sdxl", "SDXL")):
-        if getattr(cfg, flag) and family != want:
-            raise ConfigError(f"{flag} = true says the checkpoint is {what}, but the loaded model is {family}; "
-                              f"remove {flag} (the family is detected from the checkpoint) or choose another model")
-
-
-def _remember_modes(model):
-    """Undo for a host's model: train/eval modes and requires_grad flags exactly as they were."""
-    modules = [model.unet, model.vae, *(getattr(model, "text_encoders", None) or [model.text_encoder])]
-    modes = [(m, m.training) for m in modules]
-    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-
-    def undo() -> None:
-        for m, mode in modes:
-            m.train(mode)
-        for p, flag in grads:
-            p.requires_grad_(flag)
-    return undo
 
 
 def _dims_from_file(net_cfg, path, read_network_file):

@@ -146,3 +146,24 @@ class TextSource:
         if pooled is not None:
             tensors["pooled"] = pooled.contiguous()
         atomic_write_bytes(path, st_save(tensors, metadata={"format": FORMAT}), sync=False)
+
+
+def text_source(cfg, data, model, device, *, clip_skip, max_steps: int, autocast, emit) -> TextSource:
+    """The loop's TextSource; with cache_text_encoder_outputs(_to_disk) every caption is encoded now."""
+    import random
+
+    from ..dataset import process_caption
+    from ..events import LOG, Event
+    cache = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    if cache:
+        check_cacheable(data)
+    cache_dir = (cfg.latents_cache_dir or os.path.join(cfg.output_dir, ".te_outputs")) \
+        if cfg.cache_text_encoder_outputs_to_disk else None
+    text = TextSource(model, clip_skip=clip_skip, max_token_length=cfg.max_token_length, device=device,
+                      cache=cache, cache_dir=cache_dir, autocast=autocast)
+    if cache:   # captions are fixed (check_cacheable), so processing them once gives every step's text
+        text.prepare(process_caption(it.caption, it.subset, epoch=1, step=0, max_steps=max_steps,
+                                     rng=random.Random(0)) for it in data.items)
+        emit(Event(LOG, {"message": f"text-encoder outputs cached: {text.encoded} encoded, "
+                                    f"{text.disk_hits} read from disk"}))
+    return text
