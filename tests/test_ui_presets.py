@@ -163,3 +163,16 @@ def test_import_fills_the_form_and_export_writes_sd_scripts_toml(tmp_path, monke
     with open(os.path.join(folder, "faces.toml"), "w") as fh:
         fh.write('description = "my faces"\nnetwork_dim = 12\n')
     assert "faces" in preset_names("sd1") and form_preset("faces")["network_dim"] == 12
+
+
+def test_the_form_follows_the_loaded_models_family(tmp_path):
+    pytest.importorskip("gradio")
+    from lib_lora_train.prep.project import open_project
+    from lib_lora_train.ui import params_section
+    ctx = _ctx(tmp_path)
+    ctx.host.model_family = lambda: "sdxl"          # what a host with an SDXL model loaded answers
+    ctx.host.base_config = lambda: {"device": "cpu"}
+    view = params_section.form_view(ctx, open_project(str(tmp_path / "projects" / "star")))
+    choices = view["preset"]["choices"]
+    names = [c[0] if isinstance(c, (list, tuple)) else c for c in choices]
+    assert "sdxl-8gb" in names and view["resolution"] == 1024 and view["network_alpha"] == 16

@@ -133,8 +133,10 @@ def form_view(ctx: UIContext, project) -> Result:
     values = form_for_project(ctx, project)
     out: Result = {k: values[k] for k in FORM_KEYS}
     saved = form_store.load_form(project.root)
-    if saved.get("preset") in preset_names(model_family(ctx)):
-        out["preset"] = saved["preset"]
+    from .compat import update
+    # the choices follow the model loaded now (the WebUI may have switched between SD 1.x and SDXL)
+    names = preset_names(model_family(ctx))
+    out["preset"] = update(choices=names, value=saved["preset"] if saved.get("preset") in names else None)
     out.update(estimate(ctx, project.name, values))
     return out
 
