@@ -10,8 +10,11 @@ shapes) is derived from the host's own inference config:
 The file is written one tensor at a time (header first, then each tensor generated and appended), so
 memory stays at the size of the largest single tensor (the token embedding: ~250 MB in fp32).
 
-Initialisation: every weight is random (std 1/sqrt(fan_in)), norms are 1/0, biases 0, CLIP embeddings
-use CLIP's own small stds. Nothing is zero-initialised, so the layers ldm/sgm initialise to zero
+Initialisation: every weight is random (std 1/sqrt(fan_in)), biases N(0, 0.02), norms weight 1 + N(0, 0.1) and
+bias N(0, 0.1), CLIP embeddings use CLIP's own small stds. (Norm biases must not be all zero: the text encoder's
+final LayerNorm would then give outputs of mean exactly 0, and A1111's prompt-emphasis renormalisation,
+z * (mean_before / mean_after), turns that into NaN.) The ldm configs' DDPM schedule buffers (betas,
+alphas_cumprod, ...) are written too, in fp32, computed as ldm's register_schedule does, as in released files. Nothing is zero-initialised, so the layers ldm/sgm initialise to zero
 (`zero_module`: UNet `out.2`, ResBlock `out_layers.3`, transformer `proj_out`) are random too and a
 prompt or a LoRA changes the image.
 
@@ -285,11 +288,35 @@ def text_encoder_shapes(target, params, prefix):
     raise SystemExit(f"unsupported text encoder {target}")
 
 
+def ddpm_buffers(p):
+    """ldm.models.diffusion.ddpm.DDPM.register_schedule's buffers (linear schedule), float32 like ldm's."""
+    n = int(p.get("timesteps", 1000))
+    ls, le = float(p.get("linear_start", 1e-4)), float(p.get("linear_end", 2e-2))
+    v_post = float(p.get("v_posterior", 0.0))
+    betas = np.linspace(ls ** 0.5, le ** 0.5, n, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas, axis=0)
+    acp = np.append(1.0, ac[:-1])
+    pv = (1 - v_post) * betas * (1.0 - acp) / (1.0 - ac) + v_post * betas
+    out = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": acp,
+        "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac), "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1), "posterior_variance": pv,
+        "posterior_log_variance_clipped": np.log(np.maximum(pv, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(acp) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac),
+    }
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
 def layout_from_config(cfg):
-    """(shapes: dict key -> shape, v_param: bool) for an ldm LatentDiffusion or sgm DiffusionEngine config."""
+    """(shapes: key -> shape, fixed: key -> float32 array written as is, v_param) for an ldm LatentDiffusion or
+    sgm DiffusionEngine config."""
     m = cfg["model"]
     p = m["params"]
     shapes = {}
+    fixed = {}
     if m["target"].endswith("DiffusionEngine"):  # sgm (SDXL)
         shapes.update(unet_shapes(p["network_config"]["params"], "model.diffusion_model."))
         for i, e in enumerate(p["conditioner_config"]["params"]["emb_models"]):
@@ -305,10 +332,12 @@ def layout_from_config(cfg):
         fs = p["first_stage_config"]["params"]
         shapes.update(vae_shapes(fs["ddconfig"], fs["embed_dim"], "first_stage_model."))
         v_param = p.get("parameterization", "eps") == "v"
-    return shapes, v_param
+        fixed = ddpm_buffers(p)
+        shapes.update({k: v.shape for k, v in fixed.items()})
+    return shapes, fixed, v_param
 
 
-def init_tensor(key, shape, rng, v_nudge):
+def init_tensor(key, shape, rng, v_nudge, norm_keys=frozenset()):
     """float32 (or int64) numpy array for one key."""
     if key.endswith("position_ids"):
         return np.arange(shape[-1], dtype=np.int64).reshape(shape)
@@ -318,13 +347,13 @@ def init_tensor(key, shape, rng, v_nudge):
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02)
     if key.endswith("positional_embedding") or key.endswith("position_embedding.weight"):
         return (rng.standard_normal(shape, dtype=np.float32) * 0.01)
+    if key == "model.diffusion_model.out.2.bias" and v_nudge is not None:
+        return np.full(shape, v_nudge, dtype=np.float32)
+    if key in norm_keys:  # GroupNorm / LayerNorm: weight 1 + N(0, 0.1), bias N(0, 0.1)
+        a = rng.standard_normal(shape, dtype=np.float32) * 0.1
+        return a + 1.0 if key.endswith("weight") else a
     if key.endswith("bias") or key.endswith("in_proj_bias"):
-        a = np.zeros(shape, dtype=np.float32)
-        if v_nudge is not None and key == "model.diffusion_model.out.2.bias":
-            a[:] = v_nudge
-        return a
-    if len(shape) == 1:  # GroupNorm / LayerNorm weight
-        return np.ones(shape, dtype=np.float32)
+        return rng.standard_normal(shape, dtype=np.float32) * 0.02
     if key.endswith("text_projection"):
         return rng.standard_normal(shape, dtype=np.float32) * (shape[0] ** -0.5)
     fan_in = int(np.prod(shape[1:]))
@@ -334,15 +363,20 @@ def init_tensor(key, shape, rng, v_nudge):
 DT = {"fp16": (np.float16, "F16", 2), "fp32": (np.float32, "F32", 4)}
 
 
-def write(shapes, out_path, dtype, seed, v_nudge, metadata):
+def write(shapes, fixed, out_path, dtype, seed, v_nudge, metadata):
     np_dt, st_dt, nbytes = DT[dtype]
     keys = sorted(shapes)
+    # the norms are the modules whose weight is 1-D (every other 1-D weight-less tensor is a bias)
+    norm_keys = {k for k in keys if k.endswith(".weight") and len(shapes[k]) == 1}
+    norm_keys |= {k[: -len("weight")] + "bias" for k in norm_keys}
     header = {}
     off = 0
     for k in keys:
         shape = shapes[k]
         if k.endswith("position_ids"):
             dt, nb = "I64", 8
+        elif k in fixed:
+            dt, nb = "F32", 4
         else:
             dt, nb = st_dt, nbytes
         n = int(np.prod(shape)) * nb if shape else nb
@@ -356,8 +390,8 @@ def write(shapes, out_path, dtype, seed, v_nudge, metadata):
         f.write(hb)
         for i, k in enumerate(keys):
             rng = np.random.default_rng([seed, zlib.crc32(k.encode())])
-            a = init_tensor(k, shapes[k], rng, v_nudge)
-            if a.dtype != np.int64:
+            a = fixed[k] if k in fixed else init_tensor(k, shapes[k], rng, v_nudge, norm_keys)
+            if a.dtype != np.int64 and k not in fixed:
                 a = a.astype(np_dt)
             b = np.ascontiguousarray(a).tobytes()
             s, e = header[k]["data_offsets"]
@@ -381,7 +415,7 @@ def main():
     a = ap.parse_args()
     with open(a.config) as f:
         cfg = yaml.safe_load(f)
-    shapes, v_param = layout_from_config(cfg)
+    shapes, fixed, v_param = layout_from_config(cfg)
     nparams = sum(int(np.prod(s)) if s else 1 for s in shapes.values())
     if a.list_only:
         for k in sorted(shapes):
@@ -392,7 +426,7 @@ def main():
         ap.error("--out is required unless --list-only")
     meta = {"format": "pt", "random_weights": "true", "source_config": a.config.rsplit("/", 1)[-1],
             "seed": str(a.seed)}
-    nbytes = write(shapes, a.out, a.dtype, a.seed, a.v_nudge if v_param else None, meta)
+    nbytes = write(shapes, fixed, a.out, a.dtype, a.seed, a.v_nudge if v_param else None, meta)
     print(f"wrote {a.out}: {len(shapes)} tensors, {nparams:,} values, {nbytes / 2**30:.2f} GiB data, "
           f"v_param={v_param}", file=sys.stderr)
 
