@@ -132,7 +132,6 @@ def test_state_of_another_model_or_run_is_refused(ckpt, data, tmp_path_factory):
         train(make_cfg(ckpt, data, max_train_epochs=2, resume=state, output_name="second"))
     with pytest.raises(ConfigError, match="another network .*dim 2 -> 4"):
         train(make_cfg(ckpt, data, max_train_epochs=2, resume=state, network_dim=4))
-    assert train(make_cfg(ckpt, data, max_train_epochs=2, resume=state)).status == "done"
 
 
 @pytest.mark.parametrize("change", ["deleted", "replaced"])
@@ -171,15 +170,15 @@ def test_a_truncated_or_foreign_latent_cache_file_is_never_used(ckpt, data):
         return [e["message"] for e in read_events(os.path.join(out, "demo.events.jsonl"))
                 if "latent cache:" in e.get("message", "")][-1]
     out = str(data / "out")
-    train(make_cfg(ckpt, data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True))
+    one_step = dict(max_train_epochs=1, train_batch_size=4, save_state=False, cache_latents_to_disk=True)
+    train(make_cfg(ckpt, data, **one_step))
     cache = data / "out" / ".latents"
     files = sorted(cache.iterdir())
     assert len(files) == 4
     files[0].write_bytes(files[0].read_bytes()[:100])                       # truncated
-    train(make_cfg(ckpt, data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True, overwrite=True))
+    train(make_cfg(ckpt, data, overwrite=True, **one_step))
     assert "'disk_hits': 3" in cache_log(out) and "'encoded': 1" in cache_log(out)
     other = data.parent / (data.name + "-other.safetensors")
     write_tiny_checkpoint(str(other), seed=1)
-    train(make_cfg(str(other), data, max_train_epochs=1, save_state=False, cache_latents_to_disk=True,
-                   overwrite=True))
+    train(make_cfg(str(other), data, overwrite=True, **one_step))
     assert "'disk_hits': 0" in cache_log(out) and "'encoded': 4" in cache_log(out)
