@@ -151,6 +151,7 @@ class TrainConfig:
     max_validation_steps: int | None = None      # at most this many validation batches (None: all)
     # --- this engine's own keys (not in sd-scripts)
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+    ddp_timeout: float | None = None    # minutes a process waits for the others of a torchrun / accelerate run (30)
     overwrite: bool = False             # allow replacing the outputs of an earlier run with the same name
     latents_cache_dir: str | None = None  # where cache_latents_to_disk writes (default: <output_dir>/.latents)
     # Without held-out images (validation_split = 0, or a split too small to hold any out), measure the

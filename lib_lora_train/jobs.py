@@ -319,6 +319,8 @@ class JobManager:
     def _run(self, job: Job) -> None:
         status, error = "failed", None
         try:
+            from .training.distributed import refuse_distributed
+            refuse_distributed("the Train LoRA tab and the HTTP API")   # the host owns its one GPU
             cfg = config_from_dict(job.config, TrainConfig())
             with self.host.training_session(cfg) as model:
                 sink = fan_out([lambda e: self._on_event(job, e), self.host.progress_sink(job, job.stop_event)])

@@ -260,10 +260,14 @@ class TrainingData:
         for item in self.items:
             item.loss_weight = float(weight) if item.is_reg else 1.0
 
-    def batches_for_epoch(self, epoch: int) -> list[Batch]:
-        """All batches of `epoch`, in training order; a function of (seed, epoch) only."""
+    def batches_for_epoch(self, epoch: int, group: int = 1) -> list[Batch]:
+        """All batches of `epoch`, in training order; a function of (seed, epoch) only.
+        group = N (N processes, training/distributed.py): the order is shuffled by runs of N consecutive batches
+        of a bucket, so the N batches of a step are the parts of the batch one process with N times the batch
+        size takes at that step (group 1 is the single-process order, unchanged)."""
         rng = random.Random(derive_seed(self.seed, "batches", int(epoch)))
         batches: list[Batch] = []
+        runs: list[list[Batch]] = []
         for di, st in enumerate(self._states):
             by_bucket: dict[tuple[int, int], list[ImageItem]] = {b: [] for b in st.bucket_counts}
             for item in st.items:
@@ -275,6 +279,13 @@ class TrainingData:
                     chunk = members[start:start + bs]
                     samples = [Sample(it, bool(it.subset.flip_aug and rng.random() < 0.5)) for it in chunk]
                     batches.append(Batch(di, bucket, samples))
+                    if group > 1 and (start // bs) % group == 0:
+                        runs.append([])
+                    if group > 1:
+                        runs[-1].append(batches[-1])
+        if group > 1:
+            rng.shuffle(runs)
+            return [b for run in runs for b in run]
         rng.shuffle(batches)
         return batches
 

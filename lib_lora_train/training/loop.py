@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     emit = fan_out([record, sink]) if dctx.is_main else distributed.errors_only(sink)
     result = RunResult(status="failed", record_path=record.path)
     restore: list = [dctx.close]   # undo actions for a model we did not load ourselves
+    peer_lost_state = None         # distributed.py: rank 0 keeps a state when another process dies mid-run
     try:
         if dctx.is_main:
             clean_leftovers(cfg, emit)     # guards.py: temp files of a process killed mid-save
@@ -270,6 +271,9 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         epoch = completed_epochs = first_epoch
         last_epoch_tensors = None
         interrupted = False
+        if dctx.enabled:
+            def peer_lost_state():       # the weights are those of global_step: the lost collective comes first
+                return save_state(f"{cfg.output_name}-state", completed_epochs)
         loss_guard = LossGuard(cfg, patience=3 if scaler is not None else 1)   # guards.py: NaN / inf loss
         for epoch in range(first_epoch, plan.epochs):
             epoch_batches = data.batches_for_epoch(epoch, group=dctx.world_size)
@@ -412,6 +416,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
     except Interrupted:
         raise
     except BaseException as exc:
+        distributed.save_after_peer_lost(exc, dctx, peer_lost_state, emit)
         clear = explain_failure(exc, cfg)   # guards.py: out of memory / disk full -> what to change
         shown = clear or exc
         emit(Event(ERROR, {"message": str(shown) or type(shown).__name__, "type": type(shown).__name__}))
