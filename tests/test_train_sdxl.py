@@ -123,3 +123,20 @@ def test_sdxl_flag_is_checked_against_the_checkpoint(tmp_path):
     _data(tmp_path, [(64, 64)])
     with pytest.raises(ConfigError, match="sdxl = true says the checkpoint is SDXL, but the loaded model is sd1"):
         train(_cfg(str(sd1), tmp_path))
+
+
+def test_sdxl_text_encoder_only_and_text_encoder_lr_list(sdxl_ckpt, tmp_path):
+    _data(tmp_path, [(64, 64)])
+    # networks.lora trains both encoders at one rate (sd-scripts uses the first value): two values must agree
+    with pytest.raises(ConfigError, match="first value"):
+        train(_cfg(sdxl_ckpt, tmp_path, network_train_text_encoder_only=True, text_encoder_lr=[1e-3, 5e-4],
+                   max_train_epochs=1, flip_aug=False, output_dir=str(tmp_path / "refused")))
+    steps = []
+    cfg = _cfg(sdxl_ckpt, tmp_path, network_train_text_encoder_only=True, text_encoder_lr=[1e-3, 1e-3],
+               max_train_epochs=1, flip_aug=False)
+    train(cfg, sink=lambda e: steps.append(e.data) if e.kind == STEP else None)
+    lrs = steps[0]["lr"]
+    assert lrs and set(lrs.values()) == {1e-3} and not any("unet" in k for k in lrs), lrs
+    final = load_file(os.path.join(cfg.output_dir, "xl.safetensors"))
+    assert not any(k.startswith("lora_unet_") for k in final)
+    assert any(k.startswith("lora_te1_") for k in final) and any(k.startswith("lora_te2_") for k in final)
