@@ -309,7 +309,11 @@ def build_workflow_router(jobs: Any, dependencies: List[Any]) -> APIRouter:
         cleaned up: names that differ from an existing one only by case or look-alike characters are refused)."""
         return wf.create(req)
 
-    @router.post("/projects/{project}/images", summary="Upload images", responses=_errors(400, 404))
+    @router.post("/projects/{project}/images", summary="Upload images", responses=_errors(400, 404, 413),
+                 openapi_extra={"requestBody": {"content": {
+                     "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
+                         "type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def post_images(project: str, request: Request,
                           folder: Optional[str] = Query(None, description="Concept name of the training folder"),
                           repeats: Optional[int] = Query(None, ge=1, le=1000, description="Repeats per epoch"),
