@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from typing import Any
@@ -85,6 +86,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     stop = threading.Event()
     _install_sigint(stop)
     result = train(cfg, sink=ProgressPrinter(bar=not args.no_bar), stop=stop)
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK              # torchrun / accelerate launch: process 0 reports the run
     print(json.dumps({"status": result.status, "outputs": result.outputs, "record": result.record_path,
                       "state": result.state_dir, "steps": result.steps}, indent=2))
     return EXIT_OK
