@@ -59,7 +59,7 @@ def _config(world: Path, name: str, batch: int, **kw) -> Path:
               "lr_scheduler": "constant", "max_train_epochs": 2, "save_every_n_epochs": 1, "save_state": True,
               "train_batch_size": batch, "cache_latents": True, "seed": 0, "device": "cpu", "overwrite": True,
               "ddp_timeout": 1, **kw}
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
     path = world / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -183,3 +183,35 @@ def test_a_killed_process_stops_the_other_and_the_last_save_resumes(world):
     assert record["resumed_world_size"] == {"saved": 2, "now": 1, "saved_step": 2, "step": 4, "total_steps": 8}
     assert "saved by 2 process(es) at step 2; on 1 process(es) that is step 4 of 8" in proc.stdout + proc.stderr
     assert load_file(str(out / "zkz.safetensors"))
+
+
+def test_ctrl_c_on_one_process_stops_both_with_a_state(world):
+    """SIGINT to process 1 only: the stop is agreed at the next step, both stop, rank 0 saves the state."""
+    import signal
+    cfg = _config(world, "ctrlc", 2, max_train_epochs=50, save_every_n_epochs=None, save_state=False)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "lib_lora_train", "train", "--config", str(cfg),
+                                       "--no-bar"], cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    events = world / "ctrlc" / "zkz.events.jsonl"
+    try:
+        deadline = time.monotonic() + HANG
+        while time.monotonic() < deadline and procs[0].poll() is None:
+            if events.exists() and '"kind": "step"' in events.read_text():
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=HANG) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [3, 3], [o[1][-1500:] for o in outs]     # EXIT_INTERRUPTED on both
+    record = read_run_record(str(world / "ctrlc" / "zkz.run.json"))
+    assert record["status"] == "interrupted"
+    steps = [e for e in read_events(str(events)) if e["kind"] == "step"]
+    assert 1 <= steps[-1]["step"] < steps[-1]["total_steps"]
+    assert os.path.isdir(world / "ctrlc" / "zkz-state")
