@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_steps(args: argparse.Namespace, rest: list[str]) -> int:
     from .training.data_setup import plan_for_config
     cfg = _config_from_args(args, rest)
-    plan = plan_for_config(cfg)
+    plan = plan_for_config(cfg, num_processes=args.num_processes)
     if args.json:
         print(json.dumps({"total_steps": plan.total_steps, "epochs": plan.epochs,
                           "steps_per_epoch": plan.steps_per_epoch, "formula": plan.formula}))
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("steps", help="print how many steps a config will train, and why")
     s.add_argument("--config")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--num_processes", type=int, default=None,
+                   help="processes (GPUs) of a torchrun / accelerate launch run (default: WORLD_SIZE, else 1)")
     s.set_defaults(func=cmd_steps)
     d = sub.add_parser("demo", help="train on the built-in tiny model and toy dataset, make a before/after grid")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

@@ -200,3 +200,18 @@ def test_a_failed_collective_says_what_happened(monkeypatch):
     ctx = DistContext(rank=1, world_size=2, device=torch.device("cpu"), backend="gloo", timeout_s=30)
     with pytest.raises(distributed.PeerLost, match=r"process 1 of 2: agreeing on a stop failed.*30 s \(ddp_timeout\)"):
         ctx.agree(False)
+
+
+def test_steps_command_says_processes(toy, tmp_path, capsys, monkeypatch):
+    from lib_lora_train.cli import main
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'train_data_dir = "{toy}"\nresolution = "64"\ntrain_batch_size = 2\nmax_train_epochs = 3\n')
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["steps", "--config", str(cfg), "--num_processes", "2"]) == 0
+    assert "ceil(6 batches / 2 processes / grad-accum 1) = 3 steps/epoch × 3 epochs = 9 steps" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "3")          # under a launcher the command counts its processes
+    assert main(["steps", "--config", str(cfg), "--json"]) == 0
+    assert '"steps_per_epoch": 2' in capsys.readouterr().out
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["steps", "--config", str(cfg)]) == 0
+    assert "ceil(6 batches / grad-accum 1) = 6 steps/epoch" in capsys.readouterr().out

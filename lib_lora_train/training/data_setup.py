@@ -66,11 +66,14 @@ def build_training_data(cfg: TrainConfig, emit=None):
     return data, folder_mode
 
 
-def plan_for_config(cfg: TrainConfig):
-    """The step plan of a config without loading any model (the `steps` command, the UI's estimate)."""
+def plan_for_config(cfg: TrainConfig, num_processes: int | None = None):
+    """The step plan of a config without loading any model (the `steps` command, the UI's estimate).
+    num_processes: of a torchrun / accelerate launch run (None: WORLD_SIZE of this process, else 1)."""
+    from .distributed import env_world_size
     data, _ = build_training_data(cfg)
     return plan_steps_for_data(data, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                               max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps)
+                               max_train_epochs=cfg.max_train_epochs, max_train_steps=cfg.max_train_steps,
+                               num_processes=num_processes or env_world_size())
 
 
 def captions_for(data: TrainingData, batch, *, epoch: int, step: int, max_steps: int,
