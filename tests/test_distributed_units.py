@@ -176,7 +176,8 @@ def test_cuda_path_with_stand_ins(monkeypatch):
 
 def test_gradient_mean_with_a_stand_in_peer(monkeypatch):
     """average_gradients: one flat all-reduce, divided by the world size, missing gradients count as zero."""
-    peer = torch.tensor([4.0, 4.0, 4.0, 1.0, 10.0])      # the other process's flat gradients
+    # the other process's flat gradients a (3), b, c, d (1 each), then its has-a-gradient flags a, b, c, d
+    peer = torch.tensor([4.0, 4.0, 4.0, 1.0, 10.0, 0.0] + [1.0, 1.0, 1.0, 0.0])
     calls = []
 
     def all_reduce(t, op=None):
@@ -184,13 +185,14 @@ def test_gradient_mean_with_a_stand_in_peer(monkeypatch):
         t += peer
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     ctx = DistContext(rank=0, world_size=2, device=torch.device("cpu"), backend="gloo")
-    a, b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 1, 1))
     a.grad, c.grad = torch.tensor([2.0, 0.0, -2.0]), torch.tensor([6.0])
+    d = torch.nn.Parameter(torch.zeros(1))                 # no gradient anywhere: stays without one
     frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
-    ctx.average_gradients([a, b, c, frozen])
-    assert calls == [5]
+    ctx.average_gradients([a, b, c, d, frozen])
+    assert calls == [10]
     assert torch.equal(a.grad, torch.tensor([3.0, 2.0, 1.0])) and torch.equal(b.grad, torch.tensor([0.5]))
-    assert torch.equal(c.grad, torch.tensor([8.0]))
+    assert torch.equal(c.grad, torch.tensor([8.0])) and d.grad is None
 
 
 def test_a_failed_collective_says_what_happened(monkeypatch):

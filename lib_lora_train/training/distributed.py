@@ -127,7 +127,8 @@ class DistContext:
 
     def average_gradients(self, params) -> None:
         """Mean of every trainable parameter's gradient over all processes, in one flat all-reduce per dtype.
-        A parameter without a gradient on this process counts as zero (as DDP does with unused parameters)."""
+        A parameter without a gradient on this process counts as zero (as DDP does with unused parameters); one
+        without a gradient on every process keeps none, so the optimizer skips it as it does in one process."""
         if not self.enabled:
             return
         params = [p for p in params if p.requires_grad]
@@ -135,16 +136,19 @@ class DistContext:
         for p in params:
             by_kind.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), group in by_kind.items():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            has = torch.tensor([0.0 if p.grad is None else 1.0 for p in group], device=device, dtype=dtype)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+                             + [has])
             try:
                 torch.distributed.all_reduce(flat)
             except Exception as exc:  # noqa: BLE001
                 raise self._fail("averaging the gradients", exc) from exc
-            flat /= self.world_size
+            anyone = flat[-len(group):] > 0
+            flat = flat[:-len(group)] / self.world_size
             offset = 0
-            for p in group:
+            for i, p in enumerate(group):
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
+                p.grad = flat[offset:offset + n].view_as(p).clone() if anyone[i] else None
                 offset += n
 
     def broadcast_parameters(self, params) -> None:
