@@ -314,3 +314,16 @@ def test_fp8_base_and_full_bf16_train_end_to_end_on_cpu(tmp_path):
     assert result.status == "done" and all(l == l for l in losses)
     tensors = load_file(str(tmp_path / "out" / "bf16.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+
+
+def test_fp8_base_on_a_host_model_is_refused_before_any_work_and_changes_nothing(tmp_path):
+    from lib_lora_train.models import load_sd_model, tiny_sd1_state_dict
+    from lib_lora_train.training.loop import train
+    model = load_sd_model(tiny_sd1_state_dict(seed=0))
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    cfg = config_from_dict(dict(train_data_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "o"),
+                                mixed_precision="bf16", fp8_base=True, device="cpu", max_train_steps=1))
+    with pytest.raises(ConfigError, match="already has loaded"):
+        train(cfg, model=model)
+    after = model.unet.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

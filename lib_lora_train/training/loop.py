@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         prep = prepare_model(cfg, model, device, weight_dtype, emit, restore)
         model, info, scheduler_cfg, clip_skip = prep.model, prep.info, prep.scheduler, prep.clip_skip
         unet, unet_dtype, text_encoders = model.unet, prep.unet_dtype, prep.text_encoders
+        fp8_modules = fp8_targets(cfg, model, host_model=host_model)   # refused on a host's model: check now
 
         # ---------------------------------------------------------------- data
         data, folder_mode = build_training_data(cfg, emit)
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             latents = make_latent_source(cfg, data, model, device, emit)
             text = text_source(cfg, data, model, device, clip_skip=clip_skip, max_steps=plan.total_steps,
                                autocast=lambda: _autocast(device, autocast_dtype), emit=emit)
-        for module in fp8_targets(cfg, model, host_model=host_model):
+        for module in fp8_modules:         # after caching: cached outputs come from the unrounded weights
             store_in_fp8(module, weight_dtype)
 
         # ---------------------------------------------------------------- network
