@@ -215,3 +215,40 @@ def test_ctrl_c_on_one_process_stops_both_with_a_state(world):
     steps = [e for e in read_events(str(events)) if e["kind"] == "step"]
     assert 1 <= steps[-1]["step"] < steps[-1]["total_steps"]
     assert os.path.isdir(world / "ctrlc" / "zkz-state")
+
+
+_STUCK_PEER = r"""
+import sys, time, torch
+from lib_lora_train.config import config_from_dict
+from lib_lora_train.training.distributed import PeerLost, setup
+ctx = setup(config_from_dict({"device": "cpu", "ddp_timeout": float(sys.argv[1])}))
+ctx.barrier()
+if ctx.rank == 1:
+    time.sleep(3600)            # alive, connected, never answers again
+t0 = time.monotonic()
+try:
+    ctx.agree(False)
+except PeerLost as exc:
+    print(f"waited {time.monotonic() - t0:.1f}")
+    print(exc)
+    sys.exit(7)
+"""
+
+
+def test_a_stuck_peer_ends_in_a_timeout_with_a_clear_message():
+    """gloo, two real processes: process 1 stops answering; process 0 gives up after ddp_timeout (6 s here)."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _STUCK_PEER, "0.1"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port)) for r in range(2)]
+    try:
+        out, err = procs[0].communicate(timeout=HANG)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 7, err[-2000:]
+    waited = float(out.split("waited ")[1].split()[0])
+    assert 5.0 <= waited < 6.0 + 60, out                # the timeout, not a hang (generous upper bound)
+    assert "process 0 of 2: agreeing on a stop failed" in out and "6 s (ddp_timeout)" in out

@@ -157,7 +157,10 @@ def test_cuda_path_with_stand_ins(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("set_device", d))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.setdefault("init", kw))
+
+    def init_process_group(backend=None, *, rank=-1, world_size=-1, timeout=None, device_id=None):
+        seen["init"] = dict(backend=backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     ctx = setup(config_from_dict({"device": "auto", "ddp_timeout": 2}), environ=env)
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (3, 4, 1, "nccl")

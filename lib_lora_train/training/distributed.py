@@ -276,7 +276,9 @@ def setup(cfg, *, host_model: bool = False, environ=None) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        import inspect
+        kwargs = {"device_id": device} if device.type == "cuda" and "device_id" in \
+            inspect.signature(torch.distributed.init_process_group).parameters else {}   # torch >= 2.3
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world,
                                              timeout=datetime.timedelta(seconds=ctx.timeout_s), **kwargs)
     except Exception as exc:  # noqa: BLE001
