@@ -93,8 +93,9 @@ class RunInfo(BaseModel):
     created: Optional[float] = Field(None, description="Unix time the run was submitted")
     started: Optional[float] = Field(None, description="Unix time training started")
     finished: Optional[float] = Field(None, description="Unix time the run ended")
-    state_dir: Optional[str] = Field(None, description="Resumable training state (after an interrupt); pass it "
-                                                       "as config.resume to continue the run")
+    state_dir: Optional[str] = Field(None, description="Resumable training state (after an interrupt); POST "
+                                                       "runs/{id}/resume continues the run from it (or pass it as "
+                                                       "config.resume with the run's output_name)")
     record_path: Optional[str] = Field(None, description="The run record (run.json)")
     config: Dict[str, Any] = Field(default_factory=dict, description="The run's resolved sd-scripts options")
     losses: Optional[List[StepValue]] = Field(None, description="Loss of every step (only with ?curve=true)")
@@ -435,6 +436,8 @@ def build_router(jobs: JobManager, *, dependencies: Optional[Sequence[Any]] = No
         409 while it is queued or running."""
         return api.delete_files(run_id)
 
+    from .resume_api import add_resume_route
+    add_resume_route(router, api)   # POST /runs/{id}/resume: continue an interrupted run from its state
     from .interop.api import add_import_route
     add_import_route(router)   # POST /import: another trainer's settings -> {config, report}
     return router

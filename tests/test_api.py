@@ -114,7 +114,8 @@ def test_openapi_documents_the_routes(template, tmp_path):
     project = f"{V1}/projects/{{project}}"
     assert {p for p in paths if p.startswith(V1)} == {
         f"{V1}/projects", f"{V1}/runs", f"{V1}/runs/{{run_id}}", f"{V1}/runs/{{run_id}}/stop", f"{V1}/import",
-        f"{V1}/runs/{{run_id}}/outputs", f"{V1}/runs/{{run_id}}/files", f"{project}/images", f"{project}/import",
+        f"{V1}/runs/{{run_id}}/resume", f"{V1}/runs/{{run_id}}/outputs", f"{V1}/runs/{{run_id}}/files",
+        f"{project}/images", f"{project}/import",
         f"{project}/check", f"{project}/preprocess", f"{project}/autotag", f"{project}/captions",
         f"{project}/caption", f"{project}/tags"}
     for path, ops in paths.items():

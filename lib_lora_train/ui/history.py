@@ -43,6 +43,12 @@ def duration_text(seconds: Any) -> str:
     return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
 
 
+def status_text(rec: dict[str, Any]) -> str:
+    """The Status column: a run whose process was killed or crashed says so (it never reads "running" forever)."""
+    status = str(rec.get("status", ""))
+    return f"{status} (crashed)" if rec.get("crashed") and status in ("interrupted", "failed") else status
+
+
 def run_row(rec: dict[str, Any]) -> list[Any]:
     cfg = rec.get("config") or {}
     ds = rec.get("dataset") or {}
@@ -60,7 +66,7 @@ def run_row(rec: dict[str, Any]) -> list[Any]:
     files = [os.path.basename(str(o.get("path"))) for o in rec.get("outputs") or [] if o.get("path")]
     loss = rec.get("last_loss")
     return [
-        rec.get("output_name", ""), rec.get("status", ""),
+        rec.get("output_name", ""), status_text(rec),
         time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, (int, float)) else "",
         images, repeats, _num(steps.get("epochs") or cfg.get("max_train_epochs")),
         _num(net.get("dim", cfg.get("network_dim"))), _num(net.get("alpha", cfg.get("network_alpha"))),
