@@ -149,6 +149,28 @@ class ForgeEngineStandIn:
         return self
 
 
+class ForgeSDXLStandIn(ForgeEngineStandIn):
+    """Forge's SDXL engine: CLIP-L and OpenCLIP-bigG held as transformers models (`clip_l`, `clip_g`; bigG's
+    projection at `transformer.text_projection`), made from a tiny sgm checkpoint."""
+
+    def __init__(self, sd: dict, info):
+        from lib_lora_train.models.openclip import openclip_to_transformers
+
+        oc = {k[len("conditioner.embedders.1.model."):]: t for k, t in sd.items()
+              if k.startswith("conditioner.embedders.1.model.")}
+        g, _unused = openclip_to_transformers(oc, drop_last_layer=False, with_projection=True, label="bigG")
+        flat = {UNET + k[len(UNET):]: t for k, t in sd.items() if k.startswith(UNET)}
+        flat.update({k: t for k, t in sd.items() if k.startswith(VAE)})
+        flat.update({TE + k[len("conditioner.embedders.0.transformer."):]: t for k, t in sd.items()
+                     if k.startswith("conditioner.embedders.0.transformer.")})
+        super().__init__(flat, info)
+        with torch.inference_mode():
+            clip_g = torch.nn.Module()
+            clip_g.add_module("transformer", module_from({"g." + k: t.contiguous() for k, t in g.items()}, "g."))
+            self.forge_objects.clip.cond_stage_model["clip_g"] = clip_g
+        self.is_sd1, self.is_sdxl = False, True
+
+
 def forge_tensors(engine) -> dict:
     """Every tensor of the Forge model by a flat key (UNet / VAE / text), as it is now."""
     o = engine.forge_objects

@@ -187,3 +187,32 @@ def test_forge_tensors_are_inference_tensors_like_forge_loads_them(forge):
     engine, reloaded = ns.sd_models.forge_model_reload()
     assert reloaded and all(t.is_inference() for t in forge_tensors(engine).values())
     assert ns.sd_models.forge_model_reload() == (engine, False)
+
+
+def test_forge_sdxl_model_is_rebuilt_under_the_checkpoint_keys(tmp_path):
+    """SDXL in Forge: the UNet, the VAE, CLIP-L and bigG (transformers layout) give the engine the sgm state dict
+    the file has, bigG's fused attention and projection included."""
+    from lib_lora_train.hosts.forge_model import forge_state_dict
+    from lib_lora_train.models import load_sd_model, tiny_sdxl_state_dict
+    from forge_standins import ForgeSDXLStandIn
+
+    sd = tiny_sdxl_state_dict(seed=0)
+    engine = ForgeSDXLStandIn(sd, None)
+    tensors, cloned = forge_state_dict(engine)
+    assert cloned > 0 and not any(t.is_inference() for t in tensors.values())   # bigG's fused q/k/v are new
+    for key, t in sd.items():
+        if key.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) \
+                and not key.endswith("position_ids"):
+            assert key in tensors and torch.equal(tensors[key], t), key
+    model = load_sd_model(tensors)
+    assert model.info.family == "sdxl" and model.text_encoder_2 is not None
+
+
+def test_forge_sd2_is_read_from_the_file(tmp_path, forge):
+    w, ns = forge
+    host = ForgeHost(w, memory=ns.memory)
+    engine, _ = ns.sd_models.forge_model_reload()
+    engine.is_sd1, engine.is_sd2 = False, True
+    cfg = config_from_dict({**host.base_config(), **FAST})
+    with host.training_session(cfg) as model:
+        assert model is None          # the engine reads the checkpoint: Forge's OpenCLIP-H lacks the last layer

@@ -78,9 +78,13 @@ class ForgeHost(WebUIHost):
         return params.get("checkpoint_info")
 
     def _uses_loaded_model(self, cfg) -> bool:
-        self._reload()          # under the queue lock: Forge's own entry point loads the selected checkpoint
+        model = self._reload()      # under the queue lock: Forge's own entry point loads the selected checkpoint
         wanted = getattr(cfg, "pretrained_model_name_or_path", "") or ""
         info = self._checkpoint_info()
+        if hasattr(model, "forge_objects") and forge_model.forge_family(model)[0] == "sd2":
+            log("Forge holds SD 2.x's text encoder without its last layer: the run reads the checkpoint file "
+                f"{getattr(info, 'filename', '')} instead of Forge's model in memory")
+            return False
         if not wanted:
             return True
         return info is not None and bool(getattr(info, "filename", None)) and _same_file(wanted, info.filename)

@@ -5,7 +5,9 @@ not a torch module: `forge_objects.unet.model.diffusion_model` (ldm names: input
 output_blocks), `forge_objects.vae.first_stage_model` (ldm names: encoder.down.N.block...), and
 `forge_objects.clip.cond_stage_model` holding transformers CLIP text models by key (`clip_l`; SD 2.x `clip_h`;
 SDXL `clip_l` + `clip_g`, whose projection sits at `transformer.text_projection`). This module turns those into
-the checkpoint's ldm / sgm state dict the engine loads, refuses quantized storage, and clears LoRA patches.
+the checkpoint's ldm / sgm state dict the engine loads (SD 1.x, SDXL), refuses quantized storage, and clears LoRA
+patches. SD 2.x is not built from memory: Forge keeps OpenCLIP-H as a 23-layer transformers model (the
+penultimate-layer cut), while the checkpoint layout the engine reads has all 24 layers; the host reads the file.
 
 Forge loads its model inside `torch.inference_mode()`, so its tensors are inference tensors, which autograd cannot
 save for backward; such tensors are cloned (outside inference mode) and counted, the others are shared.
@@ -94,8 +96,8 @@ def _text_state_dict(text: Any, family: str, transformers_to_openclip: Callable)
 
     if family == "sd1":
         return {"cond_stage_model.transformer." + k: t for k, t in hf("clip_l").items()}
-    if family == "sd2":
-        return {"cond_stage_model.model." + k: t for k, t in transformers_to_openclip(hf("clip_h")).items()}
+    if family == "sd2":     # Forge holds OpenCLIP-H without its last layer, which the checkpoint layout needs
+        raise ModelError("Forge's SD 2.x text encoder lacks the checkpoint's last layer; read the file instead")
     out = {"conditioner.embedders.0.transformer." + k: t for k, t in hf("clip_l").items()
            if not k.startswith("text_projection")}
     out.update({"conditioner.embedders.1.model." + k: t
