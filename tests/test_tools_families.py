@@ -267,3 +267,26 @@ def test_comfyui_style_sdxl_names_are_read_as_sd_scripts_names():
     assert lora.family == "sdxl" and lora.convention == "comfyui"
     assert set(lora.modules) == {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
                                  "lora_unet_output_blocks_2_2_conv"}
+
+
+def test_an_sdxl_refiner_is_refused_by_the_tools_by_name(tmp_path):
+    """A refiner (bigG alone, as conditioner.embedders.0.model) is named, not reported as a shape mismatch."""
+    from safetensors.torch import save_file
+
+    from lib_lora_train.models import tiny_sdxl_state_dict
+    from lib_lora_train.tools.families import checkpoint_family
+
+    xl = tiny_sdxl_state_dict(seed=0, unet_layers=1)
+    refiner = {k.replace("conditioner.embedders.1.model.", "conditioner.embedders.0.model."): v.contiguous()
+               for k, v in xl.items() if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(ModelError, match="SDXL refiner"):
+        checkpoint_family(refiner)
+    assert checkpoint_family(xl) == "sdxl"
+    base = tmp_path / "refiner.safetensors"
+    save_file(refiner, str(base))
+    unet, tes = tiny_sdxl_unet(), tiny_sdxl_text_encoders()
+    lora = tmp_path / "xl.safetensors"
+    save_network_file(str(lora), _random_lora(unet, tes, "sdxl"), {"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(ModelError, match="SDXL refiner"):
+        merge_into_checkpoint(str(base), [str(lora)], str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()

@@ -45,6 +45,9 @@ def checkpoint_family(keys: Iterable[str]) -> str:
             raise ModelError("the keys are in the diffusers layout; give a single-file (ldm / sgm) checkpoint")
         raise ModelError("no model.diffusion_model.input_blocks.* weights: not a Stable Diffusion checkpoint "
                          "(SD 1.x, SD 2.x or SDXL)")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelError("this is an SDXL refiner checkpoint (one OpenCLIP bigG text encoder as "
+                         "conditioner.embedders.0.model); the tools work on SD 1.x, SD 2.x and SDXL base checkpoints")
     if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in keys):
         return "sdxl"
     if any(k.startswith(SD2_TE) for k in keys):
