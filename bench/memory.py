@@ -282,12 +282,14 @@ def estimate(setting: Setting, cache: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------ measurement (CUDA)
-def measure(setting: Setting, steps: int = 5) -> dict:
+def measure(setting: Setting, steps: int = 5, device: str = "cuda") -> dict:
+    """Real steps; the peak is read on CUDA only (another device gives samples/s and no memory figure)."""
     from lib_lora_train.models.conditioning import SizeInfo
     from lib_lora_train.networks import create_network, network_config_from_args
     from lib_lora_train.training.memory import enable_checkpointing, store_in_fp8, use_sdpa
     from lib_lora_train.training.optim import make_optimizer
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[setting.precision]
     torch.manual_seed(0)
     unet, tes, vae = build(setting.family, meta=False)
@@ -314,14 +316,16 @@ def measure(setting: Setting, steps: int = 5) -> dict:
     x = torch.randn(b, 4, lat, lat, device=dev)
     ids = torch.randint(0, 49000, (b, 77), device=dev)
     sizes = [SizeInfo.uncropped(setting.res, setting.res)] * b
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = None
     for step in range(steps + 1):
         if step == 1:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype, enabled=setting.precision != "fp32"):
+        with torch.autocast(dev.type, dtype=dtype, enabled=setting.precision != "fp32"):
             with torch.set_grad_enabled(setting.train_te):
                 hidden = [te(ids, output_hidden_states=True).hidden_states[-2] for te in tes]
                 pooled = tes[-1](ids).text_embeds if setting.family == "sdxl" else None
@@ -338,12 +342,12 @@ def measure(setting: Setting, steps: int = 5) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated()
-    return {"setting": setting.label(), "family": setting.family, "resolution": setting.res, "kind": "measured",
-            "total_gib": peak / GIB, "samples_per_s": steps * b / elapsed,
-            "device": torch.cuda.get_device_name(0)}
+    return {"setting": setting.label(), "family": setting.family, "resolution": setting.res,
+            "kind": "measured" if cuda else "timed only",
+            "total_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
+            "samples_per_s": steps * b / elapsed, "device": torch.cuda.get_device_name(0) if cuda else str(dev)}
 
 
 # ------------------------------------------------------------------ the README table
@@ -398,6 +402,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="run real steps on this device (default: cuda if present); "
+                    "full-size models: on cpu this needs ~12 GB (SD 1.5) / ~40 GB (SDXL) of RAM")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
@@ -408,7 +414,7 @@ def main(argv=None) -> int:
         return 0
     s = Setting(a.family, a.resolution, a.batch, a.precision, a.full, a.gradient_checkpointing, a.fp8_base,
                 not a.no_cache_latents, a.cache_te, a.train_te, a.optimizer, a.rank)
-    r = measure(s, a.steps) if cuda else estimate(s)
+    r = measure(s, a.steps, a.device or "cuda") if (cuda or a.device) else estimate(s)
     if r["kind"] == "estimated":
         print("ESTIMATE (no CUDA device): weights / LoRA / gradients / optimizer from exact parameter counts, "
               "activations calibrated on CPU at 1/4 width and small resolutions, +0.8 GiB assumed overhead")
