@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None, help="run real steps on this device (default: cuda if present); "
-                    "full-size models: on cpu this needs ~12 GB (SD 1.5) / ~40 GB (SDXL) of RAM")
+                    "the models are full size, so on cpu this needs many GB of RAM")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
