@@ -2,6 +2,7 @@
 arithmetic, metadata, the single-process no-ops, refusals, and the CUDA/NCCL path with stand-ins (no GPU here)."""
 import datetime
 import shutil
+import time
 
 import pytest
 import torch
@@ -168,6 +169,17 @@ def test_cuda_path_with_stand_ins(monkeypatch):
     assert seen["init"]["backend"] == "nccl" and seen["init"]["rank"] == 3 and seen["init"]["world_size"] == 4
     assert seen["init"]["timeout"] == datetime.timedelta(minutes=2)
     assert ctx._comm_device() == torch.device("cuda", 1)      # NCCL reduces tensors on the GPU
+    # the launcher's SIGTERM (another process failed) ends this one as a lost peer, with words; close() undoes it
+    import os
+    import signal
+    before = ctx._old_term
+    try:
+        with pytest.raises(distributed.PeerLost, match="process 3 of 4: stopped by the launcher"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        ctx.close()
+    assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(ConfigError, match="2 CUDA device"):
         setup(config_from_dict({"device": "cuda"}), environ={**env, "LOCAL_RANK": "2"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -81,7 +81,25 @@ class DistContext:
         return self.rank == 0
 
     # ------------------------------------------------------------ lifetime
+    def watch_launcher(self) -> None:
+        """torchrun / accelerate stop the other processes with SIGTERM when one fails: end as a lost peer (rank 0
+        then saves a state, every process says why) instead of dying without a word."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_term(signum, frame):
+            raise PeerLost(f"process {self.rank} of {self.world_size}: stopped by the launcher (SIGTERM) — another "
+                           f"process of this run failed or was killed. Resume from the last saved state.")
+        self._old_term = signal.signal(signal.SIGTERM, on_term)
+
     def close(self) -> None:
+        old = getattr(self, "_old_term", None)
+        if old is not None:
+            import signal
+            signal.signal(signal.SIGTERM, old)
+            self._old_term = None
         if self.owns_group and torch.distributed.is_initialized():
             with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group()
@@ -286,6 +304,7 @@ def setup(cfg, *, host_model: bool = False, environ=None) -> DistContext:
                        f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')} within "
                        f"{ctx.timeout_s:g} s (ddp_timeout): {exc}") from exc
     ctx.owns_group = True
+    ctx.watch_launcher()
     return ctx
 
 
