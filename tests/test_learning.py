@@ -88,16 +88,18 @@ def test_every_network_type_trains_and_its_file_reproduces_the_network(ckpt, tmp
     tensors = load_file(result.outputs[-1])
     assert key in tensors, sorted(tensors)[:5]
 
-    # outputs of the live network (rebuilt from the file) == base weights merged with the file's deltas
-    model = load_sd_model(ckpt)
+    # outputs of the live network (rebuilt from the file) == base weights merged with the file's deltas. The
+    # identity is exact arithmetic, so it is checked in float64, where rounding cannot reach the tolerance on any CPU.
+    model = load_sd_model(ckpt, dtype=torch.float64)
     net = create_network(network_config_from_args(module, 4, 2, args), model.unet, model.text_encoder)
     net.load_tensors(read_network_file(result.outputs[-1])[0])
+    net.to(torch.float64)
     merged_unet, merged_te = copy.deepcopy(model.unet), copy.deepcopy(model.text_encoder)
     file_tensors = read_network_file(result.outputs[-1])[0]
     apply_deltas(merged_unet, file_tensors, "unet")
     apply_deltas(merged_te, file_tensors, "text_encoder")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=gen)
+    x = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
     t = torch.tensor([500])
     with torch.no_grad():
         cond = encode_prompts(model, ["zkz"])
@@ -111,4 +113,5 @@ def test_every_network_type_trains_and_its_file_reproduces_the_network(ckpt, tmp
         cond_merged = encode_prompts(model, ["zkz"])
         merged = merged_unet(x, t, cond_merged).sample
     assert not torch.allclose(live, base_out, atol=1e-6), "training changed nothing"
-    assert torch.allclose(live, merged, atol=2e-4, rtol=1e-3), float((live - merged).abs().max())
+    scale = float(merged.abs().max())
+    assert torch.allclose(live, merged, atol=1e-9 * max(scale, 1.0), rtol=0), float((live - merged).abs().max())
