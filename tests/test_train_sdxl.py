@@ -140,3 +140,28 @@ def test_sdxl_text_encoder_only_and_text_encoder_lr_list(sdxl_ckpt, tmp_path):
     final = load_file(os.path.join(cfg.output_dir, "xl.safetensors"))
     assert not any(k.startswith("lora_unet_") for k in final)
     assert any(k.startswith("lora_te1_") for k in final) and any(k.startswith("lora_te2_") for k in final)
+
+
+def test_sdxl_block_weight_training_from_a_config_and_v_parameterization_metadata(sdxl_ckpt, tmp_path):
+    """sd-scripts' 23 SDXL slots from a run's network_args reach the network (checked at submit as well), and
+    a v-prediction SDXL run keeps sd-scripts' ss_base_model_version (no "_v" suffix for SDXL)."""
+    from safetensors import safe_open
+
+    from lib_lora_train.jobs import preflight
+
+    _data(tmp_path, [(64, 64)])
+    dims = ["0"] + ["4"] * 21 + ["0"]           # 23 values: time/label embedding and out have no LoRA
+    cfg = _cfg(sdxl_ckpt, tmp_path, max_train_epochs=1, flip_aug=False, network_train_unet_only=True,
+               v_parameterization=True,
+               network_args=[f"block_dims={','.join(dims)}", f"block_alphas={','.join(['2'] * 23)}"])
+    preflight(cfg)                                # 23 values are SDXL's count: accepted before loading anything
+    result = train(cfg)
+    assert result.status == "done"
+    with safe_open(result.outputs[-1], framework="pt") as fh:
+        meta = fh.metadata()
+        alphas = {float(fh.get_tensor(k)) for k in fh.keys() if k.endswith(".alpha")}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert alphas == {2.0}
+    with pytest.raises(ConfigError):              # an SD 1.x-length list is refused for an SDXL run
+        preflight(_cfg(sdxl_ckpt, tmp_path, network_args=[f"block_dims={','.join(['4'] * 25)}"]))

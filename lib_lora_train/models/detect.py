@@ -151,3 +151,19 @@ def read_header_shapes(path: str | os.PathLike) -> dict[str, _Shape]:
         raise ModelError(f"the safetensors header of {p.name} is not a JSON object")
     return {k: _Shape(v.get("shape", ())) for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict)}
+
+
+def expected_family(*, sdxl: bool = False, v2: bool = False, checkpoint: str | os.PathLike | None = None) -> str:
+    """The family a run is for before its model is loaded (to check block-weight lists at submit / import):
+    sd-scripts' sdxl / v2 flags, else the checkpoint's header when it is a readable file, else SD 1.x. The
+    loaded model decides in the end (training checks the lists against it again)."""
+    if sdxl:
+        return "sdxl"
+    if v2:
+        return "sd2"
+    if checkpoint and os.path.isfile(checkpoint):
+        try:
+            return detect_checkpoint(checkpoint)[0]
+        except Exception:  # noqa: BLE001 - an unreadable file is reported where it is loaded
+            return "sd1"
+    return "sd1"

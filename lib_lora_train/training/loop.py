@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         train_te = not cfg.network_train_unet_only and (te_lrs(cfg) is None or any(lr > 0 for lr in te_lrs(cfg)))
         net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha,
                                            cfg.network_args, train_unet=train_unet, train_text_encoder=train_te,
-                                           network_dropout=cfg.network_dropout)
+                                           network_dropout=cfg.network_dropout, family=info.family)
         if cfg.network_weights and cfg.dim_from_weights:
             net_cfg = _dims_from_file(net_cfg, cfg.network_weights, read_network_file)
         torch.manual_seed(derive_seed(cfg.seed_value, 0x1417))   # the network's initial weights

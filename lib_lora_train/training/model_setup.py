@@ -48,7 +48,9 @@ def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: t
         vae.to(torch.float32)      # SDXL's VAE overflows to NaN in fp16 (sd-scripts: no_half_vae)
     info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
     if cfg.v_parameterization and info.prediction_type != "v_prediction":
-        info.prediction_type, info.base_model_version = "v_prediction", info.base_model_version + "_v"
+        info.prediction_type = "v_prediction"
+        if info.family != "sdxl":      # sd-scripts writes sdxl_base_v1-0 for v-prediction SDXL models too
+            info.base_model_version += "_v"
     scheduler = model.noise_scheduler
     if cfg.zero_terminal_snr:
         if info.prediction_type != "v_prediction":
