@@ -145,8 +145,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename in (None, tmp):
-            exc.filename = path           # a full disk says which file it could not write
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            exc.filename = path           # a full disk says which file it could not write (an OSError made
+                                          # from a bare message has no errno: naming a file would hide it)
         raise
     if sync:
         fsync_dir(folder)

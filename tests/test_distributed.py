@@ -221,6 +221,14 @@ _STUCK_PEER = r"""
 import sys, time, torch
 from lib_lora_train.config import config_from_dict
 from lib_lora_train.training.distributed import PeerLost, setup
+# Both processes finish their (slow, load-dependent) imports before either starts the rendezvous, so the short
+# timeout below can only be reached by the stuck peer, never by one process starting later than the other.
+import os
+from pathlib import Path
+ready = Path(sys.argv[2])
+(ready / os.environ["RANK"]).touch()
+while len(list(ready.iterdir())) < 2:
+    time.sleep(0.05)
 ctx = setup(config_from_dict({"device": "cpu", "ddp_timeout": float(sys.argv[1])}))
 ctx.barrier()
 if ctx.rank == 1:
@@ -235,10 +243,12 @@ except PeerLost as exc:
 """
 
 
-def test_a_stuck_peer_ends_in_a_timeout_with_a_clear_message():
+def test_a_stuck_peer_ends_in_a_timeout_with_a_clear_message(tmp_path):
     """gloo, two real processes: process 1 stops answering; process 0 gives up after ddp_timeout (6 s here)."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", _STUCK_PEER, "0.1"], cwd=ROOT, stdout=subprocess.PIPE,
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _STUCK_PEER, "0.1", str(ready)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port)) for r in range(2)]
