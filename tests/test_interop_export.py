@@ -104,3 +104,13 @@ def test_sd_scripts_own_parser_accepts_the_export(tmp_path):
                          cwd=SD_SCRIPTS, capture_output=True, text=True, timeout=600)
     result = json.loads(out.stdout.strip().splitlines()[-1])[0]
     assert result["problems"] == [] and result["keys"] >= 10
+
+
+def test_export_never_points_sd_scripts_at_this_runs_files(tmp_path):
+    """sd-scripts replaces NAME.safetensors without asking: the export sends it to a subfolder of output_dir."""
+    (tmp_path / "run.toml").write_text(RUN + 'output_dir = "out"\noutput_name = "zkz"\n')
+    exp = export_run(str(tmp_path / "run.toml"))
+    data = tomllib.loads(exp.toml())
+    assert data["output_name"] == "zkz"
+    assert os.path.normpath(data["output_dir"]) == os.path.join(str(tmp_path), "out", "sd-scripts")
+    assert "never writes over" in exp.toml()

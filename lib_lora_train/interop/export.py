@@ -163,6 +163,10 @@ def export_run(path: str, family: str | None = None) -> Export:
         options.pop("sample_sampler", None)
     if family == "sdxl" and full.get("clip_skip") not in (None, 1, 2):
         comments["clip_skip"] = "sd-scripts' SDXL script ignores clip_skip"
+    if options.get("output_dir"):
+        # sd-scripts writes NAME.safetensors without asking: beside this run's own files it would replace them
+        options["output_dir"] = os.path.join(str(options["output_dir"]), "sd-scripts")
+        comments["output_dir"] = "a subfolder, so sd-scripts never writes over this run's own files"
     for key in ("train_data_dir", "dataset_config"):
         if key in options and not os.path.isabs(str(options[key])):
             comments[key] = "relative to the folder sd-scripts is started in"
