@@ -440,16 +440,10 @@ def preflight(cfg: TrainConfig) -> None:
     """What the engine would refuse before loading a model, checked at submit so a run that cannot start is
     refused now (400) instead of failing when its turn in the queue comes: network_args, that the named files
     exist, a resumable state, and a dataset that gives at least one step."""
-    from .models.detect import expected_family
-    from .networks import network_config_from_args
+    from .networks.config import check_run_network_options
     from .training.data_setup import plan_for_config
 
-    network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args,
-                             train_unet=not cfg.network_train_text_encoder_only,
-                             train_text_encoder=not cfg.network_train_unet_only,
-                             network_dropout=cfg.network_dropout,
-                             family=expected_family(sdxl=cfg.sdxl, v2=cfg.v2,
-                                                    checkpoint=cfg.pretrained_model_name_or_path))
+    check_run_network_options(cfg)
     for key in ("pretrained_model_name_or_path", "network_weights", "sample_prompts"):
         value = getattr(cfg, key, None)
         if value and not os.path.isfile(str(value)):

@@ -177,14 +177,8 @@ class Translator:
         probe = dict(self.values)
         try:
             cfg = cfgmod.config_from_dict(probe)
-            from ..models.detect import expected_family
-            from ..networks.config import network_config_from_args
-            network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args,
-                                     train_unet=not cfg.network_train_text_encoder_only,
-                                     train_text_encoder=not cfg.network_train_unet_only,
-                                     network_dropout=cfg.network_dropout,
-                                     family=expected_family(sdxl=cfg.sdxl, v2=cfg.v2,
-                                                            checkpoint=cfg.pretrained_model_name_or_path))
+            from ..networks.config import check_run_network_options
+            check_run_network_options(cfg)
         except ConfigError as exc:
             rep.validation_error = f"the config's own validation: {exc}"
         ckpt = str(self.values.get("pretrained_model_name_or_path") or "")

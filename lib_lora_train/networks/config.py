@@ -311,3 +311,17 @@ def check_block_family(cfg: NetworkConfig, family: str) -> None:
         raise ConfigError(f"the block-weight options were read for {FAMILY_LABELS[cfg.block_family]} "
                           f"({num_slots(cfg.block_family)} blocks) but the model is {FAMILY_LABELS[family]} "
                           f"({num_slots(family)} blocks); pass family={family!r} to network_config_from_args")
+
+
+def check_run_network_options(cfg) -> NetworkConfig:
+    """The network options of a run (a TrainConfig) parsed as training will parse them, for checks made before
+    any model is loaded (at submit, at import). The family comes from the run's flags or the checkpoint's
+    header (models.detect.expected_family); training parses them again against the loaded model."""
+    from ..models.detect import expected_family
+
+    return network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args,
+                                    train_unet=not cfg.network_train_text_encoder_only,
+                                    train_text_encoder=not cfg.network_train_unet_only,
+                                    network_dropout=cfg.network_dropout,
+                                    family=expected_family(sdxl=cfg.sdxl, v2=cfg.v2,
+                                                           checkpoint=cfg.pretrained_model_name_or_path))
