@@ -436,8 +436,17 @@ def build_router(jobs: JobManager, *, dependencies: Optional[Sequence[Any]] = No
         409 while it is queued or running."""
         return api.delete_files(run_id)
 
-    from .resume_api import add_resume_route
-    add_resume_route(router, api)   # POST /runs/{id}/resume: continue an interrupted run from its state
+    @router.post("/runs/{run_id}/resume", response_model=RunCreated, summary="Resume an interrupted run",
+                 responses=_errors(400, 404, 409))
+    def post_resume(run_id: str) -> Any:
+        """Continue an interrupted (stopped, killed or crashed) run from its saved state (`state_dir`): a new job
+        with the run's own settings, `resume` = that state and the same output name, so its files and record
+        continue. 409 with the reason when the run is still queued/running, finished, or saved no state.
+        The same as POST runs with `config.resume` = `state_dir` and `config.output_name` = the run's name."""
+        from .resume_api import resume_request
+        project, config = resume_request(api, run_id)
+        return api.start(RunRequest(project=project, config=config))
+
     from .interop.api import add_import_route
     add_import_route(router)   # POST /import: another trainer's settings -> {config, report}
     return router

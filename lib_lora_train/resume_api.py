@@ -1,4 +1,4 @@
-"""POST /lora-train/v1/runs/{id}/resume: continue an interrupted or crashed run from its saved state.
+"""What POST /lora-train/v1/runs/{id}/resume (api.py) submits: continue an interrupted or crashed run from its saved state.
 
 The same as the tab's History "Resume run": the run is submitted again through the job manager with
 `resume = <state dir>`, the run's recorded settings and its own output name (lib_lora_train.resume).
@@ -15,9 +15,9 @@ from .record import read_run_record
 from .resume import resume_config, resume_state
 
 
-def resume_run(api: Any, run_id: str) -> Any:
-    """`api` is the LoraTrainAPI; returns its RunCreated for the new job."""
-    from .api import RunRequest
+def resume_request(api: Any, run_id: str) -> tuple[str, dict]:
+    """(project, config) of the job that resumes run `run_id` (`api` is the LoraTrainAPI); HTTPException with the
+    reason when it cannot resume."""
     job, past = api.find(run_id)
     if job is not None and job.active:
         raise HTTPException(409, f"run '{run_id}' is still {job.status}; stop it first (a stopped run saves a "
@@ -38,17 +38,4 @@ def resume_run(api: Any, run_id: str) -> Any:
         config = resume_config(rec, state)
     except LoraTrainError as exc:
         raise HTTPException(400, str(exc)) from None
-    return api.start(RunRequest(project=project, config=config))
-
-
-def add_resume_route(router: Any, api: Any) -> None:
-    from .api import RunCreated, _errors
-
-    @router.post("/runs/{run_id}/resume", response_model=RunCreated, summary="Resume an interrupted run",
-                 responses=_errors(400, 404, 409))
-    def post_resume(run_id: str) -> Any:
-        """Continue an interrupted (stopped, killed or crashed) run from its saved state (`state_dir`): a new job
-        with the run's own settings, `resume` = that state and the same output name, so its files and record
-        continue. 409 with the reason when the run is still queued/running, finished, or saved no state.
-        The same as POST runs with `config.resume` = `state_dir` and `config.output_name` = the run's name."""
-        return resume_run(api, run_id)
+    return project, config

@@ -26,9 +26,9 @@ def _optional(name):
 WEBUI = webui_host.WebUI(shared=shared, devices=devices, call_queue=call_queue, paths=paths, sd_models=sd_models,
                          progress=progress, lowvram=_optional("lowvram"), deepbooru=_optional("deepbooru"),
                          images=_optional("images"))
-from lib_lora_train.hosts import detect as host_detect  # noqa: E402
+from lib_lora_train.hosts import adapters as host_adapters, detect as host_detect  # noqa: E402
 HOST_KIND = host_detect.host_kind(sd_models)     # "a1111", "forge" or "reforge", by structure
-HOST, JOBS = webui_host.host_and_jobs(WEBUI, ext_dir=EXT_DIR, host_class=host_detect.host_class(HOST_KIND))
+HOST, JOBS = webui_host.host_and_jobs(WEBUI, ext_dir=EXT_DIR, host_class=host_adapters.host_class(HOST_KIND))
 
 
 def register_xyz_axes():

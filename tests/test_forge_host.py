@@ -46,8 +46,9 @@ def test_host_kind_by_structure_not_version():
     def broken(name):
         raise ValueError(name)
     assert detect.host_kind(forge_sd_models, find_spec=broken) == detect.A1111
-    assert detect.host_class(detect.FORGE) is ForgeHost and detect.host_class(detect.REFORGE) is ReForgeHost
-    assert detect.host_class(detect.A1111) is WebUIHost
+    from lib_lora_train.hosts.adapters import host_class
+    assert host_class(detect.FORGE) is ForgeHost and host_class(detect.REFORGE) is ReForgeHost
+    assert host_class(detect.A1111) is WebUIHost
 
 
 @pytest.fixture

@@ -35,15 +35,3 @@ def host_kind(sd_models: Any = None, *, find_spec: Optional[Callable[[str], Any]
     if forge_parts and _has(find_spec, "ldm_patched") and _has(find_spec, REFORGE_MEMORY):
         return REFORGE
     return A1111
-
-
-def host_class(kind: str):
-    """The host adapter class of a host kind (each a thin subclass of the A1111 one)."""
-    if kind == FORGE:
-        from .forge import ForgeHost
-        return ForgeHost
-    if kind == REFORGE:
-        from .reforge import ReForgeHost
-        return ReForgeHost
-    from .webui import WebUIHost
-    return WebUIHost

@@ -66,7 +66,7 @@ def _preset_from_table(name: str, table: dict[str, Any], source: str) -> Preset:
 
 def _check_keys(name: str, source: str, *tables: dict[str, Any]) -> None:
     """Every key must be an option the config knows (the config's own check, with its closest-key hint)."""
-    from ..config import _FIELDS, UNSUPPORTED, _closest
+    from ..config_schema import _FIELDS, UNSUPPORTED, _closest
     for t in tables:
         for key in t:
             k = key.replace("-", "_")
@@ -132,7 +132,7 @@ def split_names(spec: Any) -> list[str]:
 
 
 def _family_from(values: dict[str, Any]) -> str:
-    from ..config import _coerce
+    from ..config_schema import _coerce
     try:
         if values.get("sdxl") is not None and _coerce("sdxl", values["sdxl"]):
             return "sdxl"

@@ -93,7 +93,7 @@ def pick(ctx: UIContext, project_name: str, name: str | None) -> Result:
 def resume(ctx: UIContext, project_name: str, name: str | None) -> Result:
     """Submit the chosen run again with resume = its state folder, its own settings and output name: it continues
     where it stopped (the Train section shows its progress). A run without a state is refused with the reason."""
-    from .train_section import job_view
+    from .job_view import job_view
     if not name:
         raise ConfigError("choose a run in the table first")
     project = get_project(ctx, project_name)
@@ -216,6 +216,6 @@ def wire(ctx: UIContext) -> None:
     ctx.on(c["history_confirm"].click, confirm_delete, ["project", "history_run", "history_pending"],
            VIEW_KEYS + ["history_status"], status="history_status")
     ctx.on(c["history_cancel"].click, cancel_delete, [], pick_outs[2:5] + ["history_status"])
-    from .train_section import VIEW_KEYS as TRAIN_KEYS
+    from .job_view import VIEW_KEYS as TRAIN_KEYS
     ctx.on(c["history_resume"].click, resume, ["project", "history_run"],
            TRAIN_KEYS + ["history_status"] + RESUME_KEYS, status="history_status")
