@@ -170,7 +170,9 @@ class Workflow:
                 paths.append(path)
             if not paths:
                 raise HTTPException(400, "files: no file in the upload")
-            return self.import_paths(proj, paths, folder=folder, repeats=repeats, resolution=resolution)
+            # the folder, not the file list: an import of a folder takes caption files as captions of their
+            # images (a list would be taken as images, and the report would call the captions "skipped")
+            return self.import_paths(proj, scratch, folder=folder, repeats=repeats, resolution=resolution)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -181,6 +181,7 @@ def test_from_an_empty_folder_of_images_to_a_lora_the_host_lists(template, tmp_p
     files.append(("files", ("up0.txt", b"red square", "text/plain")))
     r = env.post("/projects/mychar/images", files=files, params={"repeats": 2})
     assert r.status_code == 200 and r.json()["written"] == 2 and r.json()["folder"] == "2_mychar", r.text
+    assert r.json()["skipped"] == 0 and r.json()["problems"] == [], r.text      # the caption is no "bad image"
     r = env.post("/projects/mychar/import", json={"path": incoming})
     assert r.status_code == 200 and r.json()["written"] == 2, r.text
     r = env.post("/projects/mychar/import", json={"path": "/etc"})
