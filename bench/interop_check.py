@@ -1,7 +1,7 @@
 """Import every given settings file, export each importable one back to sd-scripts, and have sd-scripts' own
 argument parser (run beside the project, never vendored) accept the exported TOML and the flags command.
 
-    python bench/interop_check.py FILE... [--sd-scripts /work/sd-scripts] [--python /work/sd-scripts-venv/bin/python]
+    python bench/interop_check.py FILE... [--sd-scripts DIR] [--python SD_SCRIPTS_VENV/bin/python]
 
 Prints one line per file and the totals; --json writes the details. Needs the sd-scripts checkout and a Python
 that can import its train_network.py (its own venv); without them only the import half runs, and says so.
@@ -74,8 +74,8 @@ print(json.dumps(results))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--sd-scripts", default="/work/sd-scripts")
-    ap.add_argument("--python", default="/work/sd-scripts-venv/bin/python")
+    ap.add_argument("--sd-scripts", default=os.environ.get("LORA_TRAIN_SD_SCRIPTS", ""))
+    ap.add_argument("--python", default=os.environ.get("LORA_TRAIN_SD_SCRIPTS_PYTHON", ""))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from lib_lora_train.interop import import_settings

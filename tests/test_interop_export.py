@@ -83,12 +83,13 @@ def test_round_trip_keeps_the_options(tmp_path):
     assert data["resolution"] == "768,768" and data["max_train_epochs"] == 5
 
 
-SD_SCRIPTS = os.environ.get("LORA_TRAIN_SD_SCRIPTS", "/work/sd-scripts")
-SD_PYTHON = os.environ.get("LORA_TRAIN_SD_SCRIPTS_PYTHON", "/work/sd-scripts-venv/bin/python")
+# sd-scripts checked out beside the project, in its own venv (never vendored): both paths from the environment
+SD_SCRIPTS = os.environ.get("LORA_TRAIN_SD_SCRIPTS", "")
+SD_PYTHON = os.environ.get("LORA_TRAIN_SD_SCRIPTS_PYTHON", "")
 
 
 @pytest.mark.skipif(not (os.path.isfile(os.path.join(SD_SCRIPTS, "train_network.py")) and os.path.exists(SD_PYTHON)),
-                    reason="sd-scripts is not installed beside the project (LORA_TRAIN_SD_SCRIPTS)")
+                    reason="set LORA_TRAIN_SD_SCRIPTS (an sd-scripts checkout) and LORA_TRAIN_SD_SCRIPTS_PYTHON (its venv python)")
 def test_sd_scripts_own_parser_accepts_the_export(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
