@@ -19,13 +19,6 @@ SMALL = dict(unet_channels=(32, 64), vae_channels=(32, 32), unet_layers=1, trans
 LINEAR = dict(unet_channels=(32, 64, 64), unet_attention=(False, True, True), use_linear_projection=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the models here are tiny: more threads only add overhead, and spin-waiting hurts on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ BOS, EOS = 49406, 49407
 TE2 = "conditioner.embedders.1.model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,6 @@ from lib_lora_train.models import tokenizer as tokenizer_module
 BOS, EOS = 49406, 49407
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the models here are tiny: more threads only add overhead, and spin-waiting hurts on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
