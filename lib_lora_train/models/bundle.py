@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def base_model_version(family: str, v_pred: bool = False) -> str:
+    """ss_base_model_version as sd-scripts writes it: sd_v1(_v), sd_v2(_v), and sdxl_base_v1-0 for every SDXL
+    model (sd-scripts adds no "_v" for v-prediction SDXL)."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
+    return {"sd1": "sd_v1", "sd2": "sd_v2"}[family] + ("_v" if v_pred else "")
+
+
 @dataclass
 class ModelInfo:
     family: str = "sd1"                  # "sd1" | "sd2" | "sdxl"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .bundle import ModelInfo, SDModel
+from .bundle import ModelInfo, SDModel, base_model_version
 from .ckpt import file_hashes, legacy_hash, read_checkpoint
 from .convert import (SD2_TE_PREFIX, SDXL_TE2_PREFIX, require_complete, split_ldm, te_for_model,
                       unet_ldm_to_diffusers, vae_ldm_to_diffusers)
@@ -87,8 +87,7 @@ def load_sd_model(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dev
     scheduler, schedule_source = sd1_noise_scheduler(arch.prediction_type, parts.other)
 
     v_pred = arch.prediction_type == "v_prediction"
-    version = {"sd1": "sd_v1_v" if v_pred else "sd_v1", "sd2": "sd_v2_v" if v_pred else "sd_v2",
-               "sdxl": "sdxl_base_v1-0"}[family]
+    version = base_model_version(family, v_pred)
     native = NATIVE_RESOLUTION["sd2_v" if family == "sd2" and v_pred else family]
     info = ModelInfo(family=family, prediction_type=arch.prediction_type, latent_scale=arch.latent_scale,
                      base_model_version=version, v2=family == "sd2", native_resolution=native,

@@ -163,10 +163,8 @@ def checkpoint_modelspec(*, title: str, merged_from: str, v_pred: bool = False,
 
 def family_metadata(family: str, v_pred: bool = False) -> dict[str, str]:
     """ss_v2 / ss_base_model_version of a LoRA for a family (sd-scripts' values)."""
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
-    if v_pred and family != "sdxl":
-        version += "_v"
-    return {"ss_v2": str(family == "sd2"), "ss_base_model_version": version}
+    from ..models.bundle import base_model_version
+    return {"ss_v2": str(family == "sd2"), "ss_base_model_version": base_model_version(family, v_pred)}
 
 
 @dataclass

@@ -29,6 +29,7 @@ def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: t
                   restore: list) -> PreparedModel:
     """`restore` receives the undo actions for everything changed on a host's model."""
     from ..models import ensure_hashes, load_sd_model
+    from ..models.bundle import base_model_version
     from ..models.conditioning import effective_clip_skip, family_traits
     if model is None:
         emit(Event(LOG, {"message": f"loading {cfg.pretrained_model_name_or_path}"}))
@@ -49,8 +50,7 @@ def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: t
     info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
     if cfg.v_parameterization and info.prediction_type != "v_prediction":
         info.prediction_type = "v_prediction"
-        if info.family != "sdxl":      # sd-scripts writes sdxl_base_v1-0 for v-prediction SDXL models too
-            info.base_model_version += "_v"
+        info.base_model_version = base_model_version(info.family, v_pred=True)
     scheduler = model.noise_scheduler
     if cfg.zero_terminal_snr:
         if info.prediction_type != "v_prediction":
