@@ -14,7 +14,7 @@ import typing
 from typing import Any
 
 from .config_schema import (ALIASES, NETWORK_MODULES, OPTIMIZERS, SCHEDULERS, UNSUPPORTED, TrainConfig,  # noqa: F401
-                            _FIELDS, _closest, _coerce, _float_or_floats, parse_resolution)
+                            _FIELDS, _closest, _coerce, _float_or_floats, check_reg_images, parse_resolution)
 from .errors import ConfigError
 
 
@@ -62,7 +62,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     # Relative paths in a config file are relative to the file, so a project folder can be moved.
     root = os.path.dirname(os.path.abspath(path))
     for key in ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "dataset_config",
-                "output_dir", "network_weights", "resume", "sample_prompts", "latents_cache_dir"):
+                "output_dir", "network_weights", "resume", "sample_prompts", "latents_cache_dir", "reg_images_dir"):
         value = getattr(cfg, key)
         if value and key in values and key not in (overrides or {}) and not os.path.isabs(value):
             setattr(cfg, key, os.path.normpath(os.path.join(root, value)))
@@ -176,6 +176,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= cfg.caption_dropout_rate <= 1, "caption_dropout_rate must be between 0 and 1")
     _require(0 <= cfg.caption_tag_dropout_rate <= 1, "caption_tag_dropout_rate must be between 0 and 1")
     _require(cfg.prior_loss_weight >= 0, "prior_loss_weight must not be negative")
+    check_reg_images(cfg)       # config_schema.py: the reg_images_* keys (prep/regimages.py)
     _require(cfg.loss_type in ("l2", "l1", "huber", "smooth_l1"),
              f"loss_type: expected l2, l1, huber or smooth_l1, got '{cfg.loss_type}'")
     _require(cfg.lr_scheduler in SCHEDULERS,

@@ -154,6 +154,17 @@ class TrainConfig:
     # validation loss on up to 16 training images instead, labelled so in the run record; false: sd-scripts'
     # behaviour (no validation loss without validation_split)
     validation_fallback: bool = True
+    # --- regularisation images made by the base model before training (prep/regimages.py; this engine's keys)
+    reg_images_prompt: str | None = None     # the class prompt ("a photo of a woman"); set: generate and use them
+    reg_images_count: int | None = None      # how many (None: one epoch's training samples, repeats included)
+    reg_images_negative_prompt: str = ""
+    reg_images_size: str | None = None       # W,H or N (None: the run's resolution)
+    reg_images_sampler: str = "dpm++_2m_karras"
+    reg_images_steps: int = 20
+    reg_images_cfg_scale: float = 7.0
+    reg_images_seed: int = 0                 # image i gets seed reg_images_seed + i
+    reg_images_repeats: int = 1              # the N of the N_<class> folder (sd-scripts balances anyway)
+    reg_images_dir: str | None = None        # the cache (None: <output_dir>/reg_images)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -307,3 +318,66 @@ def _coerce(name: str, value: Any) -> Any:
         pass
     tname = getattr(base, "__name__", str(base))
     raise ConfigError(f"{name}: expected {tname}, got {value!r}")
+
+
+# ---------------------------------------------------------------- regularisation images (prep/regimages.py)
+REG_IMAGES_MAX_COUNT = 10000
+REG_PROMPT_MAX_CHARS = 1000
+
+
+def check_reg_prompt(text: Any, what: str = "reg_images_prompt", *, required: bool = True) -> str:
+    """A class prompt: one line of printable text, not too long."""
+    value = "" if text is None else str(text).strip()
+    if not value:
+        if required:
+            raise ConfigError(f"{what}: a class prompt is required (e.g. 'a photo of a woman')")
+        return ""
+    if len(value) > REG_PROMPT_MAX_CHARS:
+        raise ConfigError(f"{what}: at most {REG_PROMPT_MAX_CHARS} characters, got {len(value)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{what}: one line of text without control characters")
+    return value
+
+
+def check_reg_settings(count: int | None, size: tuple[int, int] | None, steps: int, cfg_scale: float, seed: int,
+                       repeats: int) -> None:
+    """The numbers of a regularisation-image request (the run's keys, the CLI's and the API's arguments)."""
+    if count is not None and not 1 <= int(count) <= REG_IMAGES_MAX_COUNT:
+        raise ConfigError(f"reg_images_count: expected 1..{REG_IMAGES_MAX_COUNT}, got {count}")
+    if size is not None:
+        for side in size:
+            if not 64 <= side <= 4096 or side % 8:
+                raise ConfigError(f"reg_images_size: each side must be 64..4096 and divisible by 8, got "
+                                  f"{size[0]}x{size[1]}")
+    if not 1 <= int(steps) <= 150:
+        raise ConfigError(f"reg_images_steps: expected 1..150, got {steps}")
+    if not 0 < float(cfg_scale) <= 30:
+        raise ConfigError(f"reg_images_cfg_scale: expected a number in (0, 30], got {cfg_scale}")
+    if not 0 <= int(seed) < 2**32 - REG_IMAGES_MAX_COUNT:
+        raise ConfigError(f"reg_images_seed: expected 0..{2**32 - REG_IMAGES_MAX_COUNT - 1}, got {seed}")
+    if not 1 <= int(repeats) <= 1000:
+        raise ConfigError(f"reg_images_repeats: expected 1..1000, got {repeats}")
+
+
+def check_reg_images(cfg: TrainConfig) -> None:
+    """config.validate: the reg_images_* keys of a run."""
+    if cfg.reg_images_prompt is None:
+        return
+    cfg.reg_images_prompt = check_reg_prompt(cfg.reg_images_prompt)
+    cfg.reg_images_negative_prompt = check_reg_prompt(cfg.reg_images_negative_prompt,
+                                                      "reg_images_negative_prompt", required=False)
+    if cfg.reg_data_dir:
+        raise ConfigError("reg_data_dir and reg_images_prompt are both set: use your own regularisation images "
+                          "or generated ones, not both (for a project: remove its reg/ folders)")
+    if cfg.dataset_config:
+        raise ConfigError("reg_images_prompt works with folder datasets (train_data_dir); with a dataset_config, "
+                          "generate them with `python -m lib_lora_train reg-images` and add the folder as an "
+                          "is_reg subset")
+    size = parse_resolution(cfg.reg_images_size) if cfg.reg_images_size else None
+    check_reg_settings(cfg.reg_images_count, size, cfg.reg_images_steps, cfg.reg_images_cfg_scale,
+                       cfg.reg_images_seed, cfg.reg_images_repeats)
+    from .sampling.pipeline import sampler_key
+    try:
+        sampler_key(cfg.reg_images_sampler)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("sample_sampler", "reg_images_sampler")) from None
