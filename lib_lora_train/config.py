@@ -14,7 +14,8 @@ import typing
 from typing import Any
 
 from .config_schema import (ALIASES, NETWORK_MODULES, OPTIMIZERS, SCHEDULERS, UNSUPPORTED, TrainConfig,  # noqa: F401
-                            _FIELDS, _closest, _coerce, _float_or_floats, check_reg_images, parse_resolution)
+                            _FIELDS, _closest, _coerce, _float_or_floats, check_reg_images, check_speed_options,
+                            parse_resolution)
 from .errors import ConfigError
 
 
@@ -177,6 +178,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= cfg.caption_tag_dropout_rate <= 1, "caption_tag_dropout_rate must be between 0 and 1")
     _require(cfg.prior_loss_weight >= 0, "prior_loss_weight must not be negative")
     check_reg_images(cfg)       # config_schema.py: the reg_images_* keys (prep/regimages.py)
+    check_speed_options(cfg)    # config_schema.py: attention kernel, torch.compile backend, optimizer kernel
     _require(cfg.loss_type in ("l2", "l1", "huber", "smooth_l1"),
              f"loss_type: expected l2, l1, huber or smooth_l1, got '{cfg.loss_type}'")
     _require(cfg.lr_scheduler in SCHEDULERS,

@@ -165,6 +165,16 @@ class TrainConfig:
     reg_images_seed: int = 0                 # image i gets seed reg_images_seed + i
     reg_images_repeats: int = 1              # the N of the N_<class> folder (sd-scripts balances anyway)
     reg_images_dir: str | None = None        # the cache (None: <output_dir>/reg_images)
+    # --- speed (GPU): attention kernel, memory format, compilation, optimizer kernels, transfers (training/speed.py)
+    sdpa: bool = False                  # sd-scripts' flag: PyTorch's SDPA attention (the default here anyway)
+    xformers: bool = False              # xformers' memory-efficient attention (needs the xformers package)
+    mem_eff_attn: bool = False          # sd-scripts' memory-efficient attention: here SDPA's memory-efficient kernel
+    torch_compile: bool = False         # torch.compile the UNet's forward, after the network is attached
+    dynamo_backend: str = "inductor"    # torch.compile's backend (sd-scripts' names; "eager" only traces)
+    channels_last: bool = False         # the UNet's (and VAE's) convolutions in channels-last memory format
+    optimizer_kernel: str = "auto"      # auto | fused | foreach | for_loop (auto: fused on CUDA where torch can)
+    pin_memory: bool = True             # CUDA: batches through pinned memory, copied without waiting; no-op on CPU
+    async_loss: bool | None = None      # read the loss one step late, without waiting (None: on for CUDA only)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -184,9 +194,6 @@ UNSUPPORTED: dict[str, str] = {
     "vae": "an external VAE file is not supported yet; the checkpoint's own VAE is used",
     "lowram": "has no meaning here (models are loaded once, in place)",
     "highvram": "has no meaning here",
-    "xformers": "attention uses PyTorch's scaled-dot-product attention, which needs no flag",
-    "sdpa": "attention always uses PyTorch's scaled-dot-product attention; remove the flag",
-    "mem_eff_attn": "attention always uses PyTorch's scaled-dot-product attention; remove the flag",
     "persistent_data_loader_workers": "this engine loads data without DataLoader worker processes; remove the flag",
     "color_aug": "not supported (sd-scripts cannot cache latents with it either)",
     "face_crop_aug_range": "not supported",
@@ -203,8 +210,6 @@ UNSUPPORTED: dict[str, str] = {
     "alpha_mask": "not supported yet",
     "base_weights": "merging LoRAs into the base before training is not supported yet",
     "base_weights_multiplier": "not supported yet",
-    "torch_compile": "not supported yet",
-    "dynamo_backend": "not supported yet",
     "deepspeed": "not supported",
     "log_with": "use the run record (events.jsonl) written beside the outputs; TensorBoard/W&B are not supported",
     "logging_dir": "use the run record (events.jsonl) written beside the outputs; TensorBoard is not supported",
@@ -381,3 +386,31 @@ def check_reg_images(cfg: TrainConfig) -> None:
         sampler_key(cfg.reg_images_sampler)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("sample_sampler", "reg_images_sampler")) from None
+
+
+# sd-scripts' --dynamo_backend choices (train_util.py)
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
+OPTIMIZER_KERNELS = ("auto", "fused", "foreach", "for_loop")
+
+
+def check_speed_options(cfg: TrainConfig) -> None:
+    """config.validate: the speed keys (attention kernel, torch.compile backend, optimizer kernel)."""
+    import importlib.util
+    chosen = [k for k in ("sdpa", "xformers", "mem_eff_attn") if getattr(cfg, k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are each an attention kernel: set only one (sd-scripts would "
+                          f"silently use the first of mem_eff_attn, xformers, sdpa)")
+    if cfg.xformers and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("xformers = true, but the xformers package is not installed in this Python. Remove the "
+                          "flag: PyTorch's scaled-dot-product attention (sdpa, the default here) is as fast on "
+                          "PyTorch 2; this extension never installs xformers (its wheels are tied to one torch build)")
+    cfg.dynamo_backend = str(cfg.dynamo_backend).strip().lower()
+    if cfg.dynamo_backend not in DYNAMO_BACKENDS:
+        match = difflib.get_close_matches(cfg.dynamo_backend, DYNAMO_BACKENDS, n=1)
+        raise ConfigError(f"dynamo_backend: expected one of {', '.join(DYNAMO_BACKENDS)}, got "
+                          f"'{cfg.dynamo_backend}'" + (f"; did you mean '{match[0]}'?" if match else ""))
+    cfg.optimizer_kernel = str(cfg.optimizer_kernel).strip().lower().replace("-", "_")
+    if cfg.optimizer_kernel not in OPTIMIZER_KERNELS:
+        raise ConfigError(f"optimizer_kernel: expected one of {', '.join(OPTIMIZER_KERNELS)}, got "
+                          f"'{cfg.optimizer_kernel}'")

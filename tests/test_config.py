@@ -36,8 +36,8 @@ def test_unknown_key_names_the_closest_valid_one():
 
 
 def test_unimplemented_sd_scripts_option_is_an_error_saying_so():
-    with pytest.raises(ConfigError, match="'xformers' is an sd-scripts option this engine does not implement"):
-        config_from_dict({"xformers": True})
+    with pytest.raises(ConfigError, match="'deepspeed' is an sd-scripts option this engine does not implement"):
+        config_from_dict({"deepspeed": True})
     with pytest.raises(ConfigError, match="does not implement.*external VAE"):
         config_from_dict({"vae": "x.safetensors"})
 

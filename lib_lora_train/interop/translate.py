@@ -126,6 +126,9 @@ class Translator:
         if key in SDXL_ONLY_OPTIONS and family != "sdxl" and not _falsy(value):
             self.ignore(field, value, f"an SDXL option; sd-scripts' train_network.py ({family}) does not read it")
             return
+        if key in ("xformers", "sdpa", "mem_eff_attn"):   # speed only, and xformers may be absent here
+            self.ignore(field, value, NO_EFFECT[key])
+            return
         if key in cfgmod._FIELDS:
             self.seen.add(key)
             if _empty(value) or (key in ZERO_IS_OFF and _falsy(value)):
