@@ -90,7 +90,11 @@ def test_the_session_loads_through_forge_and_trains_on_its_weights_without_lora_
         got = model.unet.state_dict()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
         assert not any(t.is_inference() for t in got.values())    # autograd can save them for backward
-        assert model.info.extra["forge_cloned_tensors"] > 0 and model.info.family == "sd1"
+        # ... and they are Forge's memory, not a copy (a copy would double the model's RAM: SDXL would not fit)
+        unet_shared, unet_total = model.info.extra["webui_shared_unet_tensors"]
+        te_shared, te_total = model.info.extra["webui_shared_text_encoder_tensors"]
+        assert unet_shared == unet_total == len(got) and te_shared == te_total > 0
+        assert model.info.extra["forge_new_tensors"] == 0 and model.info.family == "sd1"
     assert ns.memory.unloads == 2 and ns.memory.empties >= 4    # one unload per run, cache emptied after
     assert not ns.call_queue.queue_lock.locked()
     # The next generation asks for the same LoRA: the loader patches again and gets the same weights.
@@ -199,8 +203,13 @@ def test_forge_sdxl_model_is_rebuilt_under_the_checkpoint_keys(tmp_path):
 
     sd = tiny_sdxl_state_dict(seed=0)
     engine = ForgeSDXLStandIn(sd, None)
-    tensors, cloned = forge_state_dict(engine)
-    assert cloned > 0 and not any(t.is_inference() for t in tensors.values())   # bigG's fused q/k/v are new
+    tensors, new = forge_state_dict(engine)
+    assert not any(t.is_inference() for t in tensors.values())
+    # only bigG's fused q/k/v and its [w, p] projection are new; everything else is Forge's memory
+    fused = [k for k in tensors if k.endswith(("in_proj_weight", "in_proj_bias", "model.text_projection"))]
+    assert len(fused) == 2 * 3 + 1 and new == len(fused)
+    forge_ptrs = {t.untyped_storage().data_ptr() for t in forge_tensors(engine).values()}
+    assert all(tensors[k].untyped_storage().data_ptr() in forge_ptrs for k in tensors if k not in fused)
     for key, t in sd.items():
         if key.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) \
                 and not key.endswith("position_ids"):
@@ -217,3 +226,21 @@ def test_forge_sd2_is_read_from_the_file(tmp_path, forge):
     cfg = config_from_dict({**host.base_config(), **FAST})
     with host.training_session(cfg) as model:
         assert model is None          # the engine reads the checkpoint: Forge's OpenCLIP-H lacks the last layer
+
+
+def test_an_inference_tensor_is_re_viewed_for_autograd_without_a_copy():
+    """What lets the run share Forge's weights: the alias is a plain tensor on the same memory, autograd can save
+    it for backward (the inference tensor itself cannot), and gradients through it are the same."""
+    from lib_lora_train.hosts.forge_model import plain_alias
+
+    with torch.inference_mode():
+        lin = torch.nn.Linear(3, 2, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        torch.nn.functional.linear(x, lin.weight.detach()).sum().backward()
+    w = plain_alias(lin.weight)
+    assert not w.is_inference() and w.data_ptr() == lin.weight.data_ptr() and torch.equal(w, lin.weight)
+    torch.nn.functional.linear(x, w).sum().backward()
+    assert torch.equal(x.grad, lin.weight.detach().sum(0).expand(4, 3))   # d/dx sum(x W^T) = column sums of W
+    plain = torch.ones(2)
+    assert plain_alias(plain) is not None and plain_alias(plain).data_ptr() == plain.data_ptr()

@@ -10,7 +10,9 @@ patches. SD 2.x is not built from memory: Forge keeps OpenCLIP-H as a 23-layer t
 penultimate-layer cut), while the checkpoint layout the engine reads has all 24 layers; the host reads the file.
 
 Forge loads its model inside `torch.inference_mode()`, so its tensors are inference tensors, which autograd cannot
-save for backward; such tensors are cloned (outside inference mode) and counted, the others are shared.
+save for backward. Being an inference tensor is a property of the tensor object, not of its memory: a plain tensor
+made outside inference mode on the same storage (`Tensor.set_`) is one autograd accepts, so Forge's weights are
+shared, not copied. Only tensors that do not exist in Forge's layout (SDXL bigG's fused q/k/v) are new.
 """
 from __future__ import annotations
 
@@ -105,9 +107,26 @@ def _text_state_dict(text: Any, family: str, transformers_to_openclip: Callable)
     return out
 
 
+def plain_alias(t: Any) -> Any:
+    """A tensor autograd can save for backward on the memory of `t` (an inference tensor): no copy. Made outside
+    inference mode; a tensor whose storage cannot be re-viewed (a quantized subclass) is cloned instead."""
+    import torch
+
+    with torch.inference_mode(False):
+        t = t.detach()
+        if not t.is_inference():
+            return t
+        try:
+            alias = torch.empty(0, dtype=t.dtype, device=t.device)
+            alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+        except (RuntimeError, TypeError, NotImplementedError):
+            return t.clone()
+        return alias
+
+
 def forge_state_dict(sd_model: Any) -> tuple[dict, int]:
-    """(the loaded model's tensors under the checkpoint's ldm / sgm keys, how many had to be cloned because
-    they are inference tensors). Position-id buffers and other non-weights are passed through."""
+    """(the loaded model's tensors under the checkpoint's ldm / sgm keys, how many of them are new tensors
+    rather than Forge's memory). Position-id buffers and other non-weights are passed through."""
     import torch
 
     from ..models.openclip import transformers_to_openclip
@@ -117,15 +136,16 @@ def forge_state_dict(sd_model: Any) -> tuple[dict, int]:
     raw = {"model.diffusion_model." + k: t for k, t in p["unet"].state_dict(keep_vars=True).items()}
     raw.update({"first_stage_model." + k: t for k, t in p["vae"].state_dict(keep_vars=True).items()})
     raw.update(_text_state_dict(p["text"], family, transformers_to_openclip))
-    out, cloned = {}, 0
-    with torch.inference_mode(False):
-        for k, t in raw.items():
-            t = t.detach()
-            if t.is_inference():
-                t = t.clone()
-                cloned += 1
-            out[k] = t
-    return out, cloned
+    forge_ptrs = {_storage_ptr(t) for m in p.values() for t in m.state_dict(keep_vars=True).values()}
+    out, new = {}, 0
+    for k, t in raw.items():
+        out[k] = plain_alias(t)
+        new += _storage_ptr(out[k]) not in forge_ptrs
+    return out, new
+
+
+def _storage_ptr(t: Any) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def engine_model(sd_model: Any, log: Callable[[str], None]) -> Any:
@@ -136,7 +156,7 @@ def engine_model(sd_model: Any, log: Callable[[str], None]) -> Any:
     refuse_unsupported(sd_model)
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(info, "filename", None)
-    tensors, cloned = forge_state_dict(sd_model)
+    tensors, new = forge_state_dict(sd_model)
     device = next(iter(parts(sd_model)["unet"].parameters())).device
     _family, prediction = forge_family(sd_model)
     model = load_sd_model(tensors, device=device, overrides={"prediction_type": prediction},
@@ -147,11 +167,15 @@ def engine_model(sd_model: Any, log: Callable[[str], None]) -> Any:
     model.info.legacy_hash = getattr(info, "hash", None)
     forge_tensors = [t for m in parts(sd_model).values() for t in m.state_dict(keep_vars=True).values()]
     unet = shared_count(model.unet.state_dict().values(), forge_tensors)
+    encoders = getattr(model, "text_encoders", None) or [model.text_encoder]
+    te = shared_count([t for m in encoders for k, t in m.state_dict().items() if not k.endswith("position_ids")],
+                      forge_tensors)
     model.info.extra["webui_shared_unet_tensors"] = list(unet)
-    model.info.extra["forge_cloned_tensors"] = cloned
-    how = (f"{unet[0]}/{unet[1]} UNet tensors shared with Forge's model" if unet[0] else
-           f"Forge's tensors are inference tensors (loaded under torch.inference_mode): {cloned} copied for the run")
-    log(f"training on Forge's loaded {model.info.name} ({model.info.family}): {how}")
+    model.info.extra["webui_shared_text_encoder_tensors"] = list(te)
+    model.info.extra["forge_new_tensors"] = new
+    log(f"training on Forge's loaded {model.info.name} ({model.info.family}): {unet[0]}/{unet[1]} UNet and "
+        f"{te[0]}/{te[1]} text-encoder tensors shared with Forge's model (inference tensors re-viewed, no copy); "
+        f"{new} tensors Forge does not hold in the checkpoint's layout were built for the run")
     return model
 
 
