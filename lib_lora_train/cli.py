@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_compare(sub)
     from .interop.cli import register as register_interop
     register_interop(sub)
+    from .prep.regimages_cli import register as register_reg_images
+    register_reg_images(sub)
     return p
 
 

@@ -31,7 +31,7 @@ from .record import record_paths
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 # Set from the project; a caller naming them is told so instead of being silently overridden.
 PROJECT_KEYS = ("train_data_dir", "reg_data_dir", "output_dir", "dataset_config", "latents_cache_dir",
-                "logging_dir")
+                "logging_dir", "reg_images_dir")
 # Paths a caller may give, each checked to lie inside the host's folders.
 PATH_KEYS = ("pretrained_model_name_or_path", "network_weights", "resume", "sample_prompts", "vae")
 LOG_LINES = 500
@@ -217,6 +217,7 @@ class JobManager:
         values["train_data_dir"] = proj.train_dir
         if proj.folders(reg=True):
             values["reg_data_dir"] = proj.reg_dir
+        values["reg_images_dir"] = os.path.join(proj.root, "reg_cache")   # prep/regimages.py (the API's too)
         out_dir = self.host.paths.output_dir(project)
         values["output_dir"] = out_dir
         explicit = bool(given.get("output_name"))
@@ -332,6 +333,10 @@ class JobManager:
                 renderer = getattr(self.host, "preview_renderer", None) if model is not None else None
                 if renderer is not None and _accepts(runner, "preview_renderer"):
                     extra["preview_renderer"] = renderer
+                # reg_images_prompt: drawn by the host's own txt2img too (its queue lock is already held here)
+                source = getattr(self.host, "reg_image_source", None) if model is not None else None
+                if source is not None and cfg.reg_images_prompt and _accepts(runner, "reg_source"):
+                    extra["reg_source"] = lambda: source(take_lock=False)
                 result = runner(cfg, model=model, sink=sink, stop=job.stop_event, **extra)
             status = "interrupted" if getattr(result, "status", "done") == "interrupted" else "done"
             job.record_path = getattr(result, "record_path", None) or job.record_path

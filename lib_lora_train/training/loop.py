@@ -98,10 +98,12 @@ def _save_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 
 def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
-          stop: threading.Event | None = None, preview_renderer=None) -> RunResult:
+          stop: threading.Event | None = None, preview_renderer=None, reg_source=None) -> RunResult:
     """Run one training job. `model` (an SDModel) is used as given when a host already holds one.
     `preview_renderer(lora_path, specs, weight) -> [PIL images]`: a host's own pipeline for the previews (the
-    WebUI's), given the network saved to a file at that moment; on its failure the built-in sampler makes them."""
+    WebUI's), given the network saved to a file at that moment; on its failure the built-in sampler makes them.
+    `reg_source()`: a host's context yielding (model_id, backend, render) for reg_images_prompt (the WebUI's
+    txt2img); None: the engine's own sampler on `model`."""
     from ..dataset.sizes import batch_sizes
     from ..models.conditioning import unet_inputs
     from ..networks import create_network, network_config_from_args, read_network_file, save_network_file
@@ -131,6 +133,11 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         fp8_modules = fp8_targets(cfg, model, host_model=host_model)   # refused on a host's model: check now
 
         # ---------------------------------------------------------------- data
+        if cfg.reg_images_prompt:   # prep/regimages.py: class images by this model (cached) become reg_data_dir
+            from ..prep.regimages import reg_images_for_run
+            with dctx.main_first("regularisation images"):
+                cfg, _ = reg_images_for_run(cfg, model, device, emit, stop=stop, source=reg_source,
+                                            clip_skip=clip_skip)
         data, folder_mode = build_training_data(cfg, emit)
         from ..dataset import plan_steps_for_data
         plan = plan_steps_for_data(data, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
