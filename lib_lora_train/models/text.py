@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..transfer import to_device
 
 ALLOWED_MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
 SDXL_CLIP_SKIP_NOTE = ("clip_skip is ignored for SDXL: it is always conditioned on the penultimate layers of both "
@@ -96,7 +97,8 @@ def _flat(input_ids: torch.Tensor, device) -> tuple[torch.Tensor, int, int, int]
     if input_ids.ndim == 2:
         input_ids = input_ids.unsqueeze(1)
     b, n, width = input_ids.shape
-    return input_ids.reshape(b * n, width).to(device), b, n, width
+    flat = input_ids.reshape(b * n, width)
+    return (to_device(flat, device) if device is not None else flat), b, n, width   # no host wait on CUDA
 
 
 def _join_pieces(hidden: torch.Tensor, b: int, n: int, width: int) -> torch.Tensor:

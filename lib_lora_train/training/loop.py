@@ -19,7 +19,7 @@ import torch
 from ..config import TrainConfig, te_lrs
 from ..errors import ConfigError, Interrupted
 from ..fsutil import fault_point
-from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAVED, START, STATE_SAVED, STEP, WARNING, Event,
+from ..events import (DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAVED, START, STATE_SAVED, WARNING, Event,
                       EventSink, fan_out)
 from ..record import RunRecord
 from . import distributed
@@ -34,9 +34,12 @@ from .noise import compute_loss, ip_noise, loss_weights_min_snr, debiased_weight
 from .optim import make_optimizer
 from .previews import Previews
 from .schedulers import make_scheduler
+from .speed import apply_speed_options, as_channels_last
 from .state import load_train_state, restore_into, save_train_state
+from .step_log import StepLog
 from .te_cache import text_source
 from .update import Updater
+from ..transfer import to_device
 
 
 @dataclass
@@ -177,7 +180,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         if not groups:
             raise ConfigError("nothing to train: every network part has learning rate 0 or was switched off")
         optimizer, optimizer_description = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
-                                                          cfg.optimizer_args)
+                                                          cfg.optimizer_args, kernel=cfg.optimizer_kernel)
         lr_scheduler = make_scheduler(cfg.lr_scheduler, optimizer, num_training_steps=plan.total_steps,
                                       num_warmup_steps=cfg.lr_warmup_steps,
                                       num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
@@ -189,6 +192,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
 
         if cfg.gradient_checkpointing:
             restore.append(enable_checkpointing(unet, text_encoders if train_te else []))
+        unet_forward, undo_speed = apply_speed_options(cfg, model, device, emit)   # speed.py: attention kernel,
+        restore.append(undo_speed)                    # channels_last, torch.compile (after the network is attached)
 
         # ---------------------------------------------------------------- resume
         global_step, first_epoch = 0, 0
@@ -274,7 +279,6 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         # ---------------------------------------------------------------- the loop
         network.train()
         ga = cfg.gradient_accumulation_steps
-        loss_sum, loss_count, recent = 0.0, 0, []
         t_start, step_at_start = time.time(), global_step
         epoch = completed_epochs = first_epoch
         last_epoch_tensors = None
@@ -283,12 +287,17 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             def peer_lost_state():       # the weights are those of global_step: the lost collective comes first
                 return save_state(f"{cfg.output_name}-state", completed_epochs)
         loss_guard = LossGuard(cfg, patience=3 if scaler is not None else 1)   # guards.py: NaN / inf loss
+        # step_log.py: losses read one micro-batch late without waiting (async_loss; CUDA by default); with
+        # several processes the loss is averaged (a collective) and read at once
+        async_loss = device.type == "cuda" if cfg.async_loss is None else cfg.async_loss
+        step_log = StepLog(emit, loss_guard, network, keep_last_good, lag=1 if async_loss and not dctx.enabled else 0)
+        pin = cfg.pin_memory
         for epoch in range(first_epoch, plan.epochs):
             epoch_batches = data.batches_for_epoch(epoch, group=dctx.world_size)
             batches = dctx.shard(epoch_batches)           # distributed.py: this process's share
             steps_done_in_epoch = global_step - epoch * plan.steps_per_epoch
             first_batch = max(0, steps_done_in_epoch) * ga
-            epoch_loss, epoch_count = 0.0, 0
+            step_log.start_epoch()
             for b_index in range(first_batch, len(batches)):
                 batch = batches[b_index]
                 seed = derive_seed(cfg.seed_value, epoch, b_index)
@@ -300,7 +309,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 network.before_step(gen)
 
                 fault_point(f"step:{global_step + 1}")   # fault tests only (fsutil.py)
-                lat = latents.get_batch(batch, gen).to(device)
+                lat = to_device(latents.get_batch(batch, gen), device, pin=pin)   # transfer.py: CUDA, no wait
                 captions = captions_for(data, batch, epoch=epoch, step=global_step,
                                         max_steps=plan.total_steps, rng=caption_rng)
                 with _autocast(device, autocast_dtype):
@@ -311,31 +320,31 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                                          noise_offset_random_strength=cfg.noise_offset_random_strength,
                                          adaptive_noise_scale=cfg.adaptive_noise_scale,
                                          multires_noise_iterations=cfg.multires_noise_iterations,
-                                         multires_noise_discount=cfg.multires_noise_discount)
-                    timesteps = sample_timesteps(lat_all.shape[0], gen, min_timestep=cfg.min_timestep or 0,
-                                                 max_timestep=cfg.max_timestep or 1000, device=device)
-                    noisy_in = ip_noise(noise, cfg.ip_noise_gamma, gen) if cfg.ip_noise_gamma else noise
-                    noise, noisy_in, timesteps = noise[mine], noisy_in[mine], timesteps[mine]
+                                         multires_noise_discount=cfg.multires_noise_discount, pin=pin)
+                    t_host = sample_timesteps(lat_all.shape[0], gen, min_timestep=cfg.min_timestep or 0,
+                                              max_timestep=cfg.max_timestep or 1000, device="cpu")
+                    timesteps = to_device(t_host, device, pin=pin)
+                    noisy_in = ip_noise(noise, cfg.ip_noise_gamma, gen, pin=pin) if cfg.ip_noise_gamma else noise
+                    noise, noisy_in, timesteps, t_host = noise[mine], noisy_in[mine], timesteps[mine], t_host[mine]
                     noisy = scheduler_cfg.add_noise(lat, noisy_in, timesteps)
-                    pred = unet(noisy.to(unet_dtype), timesteps,
-                                **unet_inputs(model, cond, batch_sizes(batch), unet_dtype)).sample
+                    pred = unet_forward(as_channels_last(noisy.to(unet_dtype), cfg.channels_last), timesteps,
+                                        **unet_inputs(model, cond, batch_sizes(batch), unet_dtype)).sample
                 target = target_for(scheduler_cfg, lat, noise, timesteps, info.prediction_type)
                 per_sample = compute_loss(pred.float(), target.float(), loss_type=cfg.loss_type,
                                           huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule,
                                           timesteps=timesteps, scheduler=scheduler_cfg)
-                weights = torch.tensor([s.item.loss_weight for s in batch.samples], device=per_sample.device)
+                # per-sample weights on the host (from the host's timesteps: the SNR tables live there), one copy
+                weights = torch.tensor([s.item.loss_weight for s in batch.samples])
                 if cfg.min_snr_gamma:
-                    weights = weights * loss_weights_min_snr(timesteps, scheduler_cfg, cfg.min_snr_gamma,
-                                                             info.prediction_type).to(weights.device)
+                    weights = weights * loss_weights_min_snr(t_host, scheduler_cfg, cfg.min_snr_gamma,
+                                                             info.prediction_type)
                 if cfg.debiased_estimation_loss:
-                    weights = weights * debiased_weights(timesteps, scheduler_cfg,
-                                                         info.prediction_type).to(weights.device)
-                loss = (per_sample * weights).mean()
+                    weights = weights * debiased_weights(t_host, scheduler_cfg, info.prediction_type)
+                loss = (per_sample * to_device(weights, per_sample.device, pin=pin)).mean()
                 updater.backward(loss)
-                loss_value = dctx.mean_value(loss.detach())   # the global batch's loss (this one's alone: 1 process)
-                loss_guard.check(loss_value, global_step + 1, epoch + 1, network, keep=keep_last_good)
-                epoch_loss += loss_value
-                epoch_count += 1
+                # the global batch's loss (this process's own alone: a tensor, read by step_log without waiting)
+                loss_now = dctx.mean_value(loss.detach()) if dctx.enabled else loss.detach()
+                step_meta = step_log.add(loss_now, global_step + 1, epoch + 1)   # the NaN guard reads it there
 
                 end_of_step = (b_index + 1) % ga == 0 or b_index + 1 == len(batches)
                 if not end_of_step:
@@ -345,20 +354,20 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 lr_scheduler.step()
                 global_step += 1
 
-                recent = (recent + [loss_value])[-50:]
-                loss_sum += loss_value
-                loss_count += 1
                 elapsed = time.time() - t_start
                 it_s = (global_step - step_at_start) / elapsed if elapsed > 0 else 0.0
-                emit(Event(STEP, {
+                step_log.end_step(step_meta, {   # STEP: emitted when its loss is read (loss, avg_loss filled then)
                     "step": global_step, "total_steps": plan.total_steps, "epoch": epoch + 1,
-                    "epochs": plan.epochs, "loss": loss_value, "avg_loss": sum(recent) / len(recent),
+                    "epochs": plan.epochs, "loss": None, "avg_loss": None,
                     "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
                     "it_per_s": it_s,
-                    "eta_s": (plan.total_steps - global_step) / it_s if it_s > 0 else None}))
+                    "eta_s": (plan.total_steps - global_step) / it_s if it_s > 0 else None})
+                save_due = cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 \
+                    and global_step < plan.total_steps
+                if save_due or sampler.due_step(global_step) or validator.due_step(global_step):
+                    step_log.flush()                   # every loss so far is read before files and previews
 
-                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 \
-                        and global_step < plan.total_steps:
+                if save_due:
                     save_lora(output_file(cfg, f"-step{global_step:08d}"), epoch + 1, "step")
                     if cfg.save_state:
                         save_state(f"{cfg.output_name}-step{global_step:08d}-state", epoch)
@@ -371,6 +380,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
                 if dctx.agree(stop.is_set()) and b_index + 1 < len(batches):   # at an epoch's end, finish the epoch first
                     interrupted = True
                     break
+            step_log.flush()                           # the epoch's last losses (and the NaN guard on them)
             if interrupted:
                 break
 
@@ -380,7 +390,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             val_loss = validator.run(network, at="epoch", epoch=done_epochs, step=global_step) \
                 if validator.due_epoch(done_epochs, is_last) else None
             emit(Event(EPOCH, {"epoch": done_epochs, "epochs": plan.epochs, "step": global_step,
-                               "avg_loss": epoch_loss / max(epoch_count, 1), "validation_loss": val_loss}))
+                               "avg_loss": step_log.epoch_avg, "validation_loss": val_loss}))
             last_epoch_tensors = (done_epochs, global_step, network.save_tensors(_save_dtype(cfg)))
             if cfg.save_every_n_epochs and done_epochs % cfg.save_every_n_epochs == 0 and not is_last:
                 save_lora(output_file(cfg, f"-{done_epochs:06d}"), done_epochs, "epoch")
@@ -418,7 +428,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             result.state_dir = save_state(f"{cfg.output_name}-state", plan.epochs)
         result.status, result.steps = "done", global_step
         emit(Event(DONE, {"outputs": result.outputs, "steps": global_step,
-                          "avg_loss": loss_sum / max(loss_count, 1)}))
+                          "avg_loss": step_log.run_avg}))
         return result
 
     except Interrupted:

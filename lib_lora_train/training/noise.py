@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..transfer import to_device
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
@@ -24,9 +25,9 @@ HUBER_SCHEDULES = ("constant", "exponential", "snr")
 _SNR_CAP = 1000.0  # sd-scripts caps the SNR at 1000 where it divides by it (t=0 may be huge)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor, pin: bool = True) -> torch.Tensor:
     out = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return out.to(device=like.device, dtype=like.dtype)
+    return to_device(out, like.device, like.dtype, pin=pin)   # transfer.py: no host wait from the CPU to CUDA
 
 
 def _rand1(generator: torch.Generator) -> float:
@@ -36,7 +37,7 @@ def _rand1(generator: torch.Generator) -> float:
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, *, noise_offset: float | None = None,
                  noise_offset_random_strength: bool = False, adaptive_noise_scale: float | None = None,
                  multires_noise_iterations: int | None = None,
-                 multires_noise_discount: float = 0.3) -> torch.Tensor:
+                 multires_noise_discount: float = 0.3, pin: bool = True) -> torch.Tensor:
     """Gaussian noise shaped like `latents` [B, C, H, W], with sd-scripts' optional offset and pyramid noise.
 
     Draw order (fixed, so one generator per step is enough): base noise, offset strength (if random), offset
@@ -45,7 +46,7 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, *, noise_off
     if latents.ndim != 4:
         raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
     b, c, h, w = latents.shape
-    noise = _randn((b, c, h, w), generator, latents)
+    noise = _randn((b, c, h, w), generator, latents, pin)
     if noise_offset:
         offset: float | torch.Tensor = noise_offset
         if noise_offset_random_strength:
@@ -54,20 +55,21 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, *, noise_off
             # stronger offset for images whose latent channel means are far from zero
             channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs()
             offset = (offset + adaptive_noise_scale * channel_mean).clamp(min=0.0).to(latents.dtype)
-        noise = noise + offset * _randn((b, c, 1, 1), generator, latents)
+        noise = noise + offset * _randn((b, c, 1, 1), generator, latents, pin)
     if multires_noise_iterations:
-        noise = _pyramid(noise, generator, int(multires_noise_iterations), float(multires_noise_discount))
+        noise = _pyramid(noise, generator, int(multires_noise_iterations), float(multires_noise_discount), pin)
     return noise
 
 
-def _pyramid(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+def _pyramid(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float,
+             pin: bool = True) -> torch.Tensor:
     """Multi-resolution noise: add upsampled coarse noise at random scales, then renormalise to unit std."""
     b, c, h, w = noise.shape
     noise = noise.clone()
     for i in range(iterations):
         r = _rand1(generator) * 2 + 2  # a random factor in [2, 4) rather than always 2x
         hn, wn = max(1, int(h / (r ** i))), max(1, int(w / (r ** i)))
-        coarse = _randn((b, c, hn, wn), generator, noise)
+        coarse = _randn((b, c, hn, wn), generator, noise, pin)
         noise = noise + F.interpolate(coarse.float(), size=(h, w), mode="bilinear",
                                       align_corners=False).to(noise.dtype) * discount ** i
         if hn == 1 or wn == 1:
@@ -76,7 +78,7 @@ def _pyramid(noise: torch.Tensor, generator: torch.Generator, iterations: int, d
 
 
 def sample_timesteps(batch: int, generator: torch.Generator, *, min_timestep: int = 0, max_timestep: int = 1000,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+                     device: torch.device | str | None = None, pin: bool = True) -> torch.Tensor:
     """`batch` integer timesteps uniform in [min_timestep, max_timestep); all equal when min == max."""
     if not (0 <= min_timestep <= max_timestep):
         raise ConfigError(f"timestep range: need 0 <= min_timestep <= max_timestep, got {min_timestep}, "
@@ -86,14 +88,14 @@ def sample_timesteps(batch: int, generator: torch.Generator, *, min_timestep: in
                           device=generator.device)
     else:
         t = torch.full((batch,), int(max_timestep), dtype=torch.long, device=generator.device)
-    return t.long().to(device if device is not None else "cpu")
+    return to_device(t.long(), device if device is not None else "cpu", pin=pin)
 
 
 def ip_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator, *,
-             random_strength: bool = False) -> torch.Tensor:
+             random_strength: bool = False, pin: bool = True) -> torch.Tensor:
     """Input-perturbation noise: the noise to put into the noisy latents (the target keeps `noise`)."""
     strength = _rand1(generator) * gamma if random_strength else gamma
-    return noise + strength * _randn(tuple(noise.shape), generator, noise)
+    return noise + strength * _randn(tuple(noise.shape), generator, noise, pin)
 
 
 def target_for(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

@@ -90,11 +90,13 @@ def describe_optimizer(cls: type, kwargs: dict[str, Any]) -> str:
 
 
 def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate: float,
-                   optimizer_args: list[str] | dict | None = None) -> tuple[torch.optim.Optimizer, str]:
+                   optimizer_args: list[str] | dict | None = None,
+                   kernel: str = "auto") -> tuple[torch.optim.Optimizer, str]:
     """Build the optimizer named `optimizer_type` (case-insensitive; "" means AdamW) over `param_groups`.
 
     `param_groups` are dicts with "params" and optionally "lr" (and any extra keys such as "name"); they are
-    copied, never modified. Returns (optimizer, ss_optimizer description).
+    copied, never modified. `kernel` (optimizer_kernel): which of torch.optim's implementations runs the update
+    (see kernel_args). Returns (optimizer, ss_optimizer description).
     """
     spec = _lookup(optimizer_type)
     kwargs = parse_optimizer_args(optimizer_args)
@@ -115,6 +117,7 @@ def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate:
         lr = _adafactor_setup(groups, learning_rate, kwargs)
 
     cls = _import_class(spec)
+    fixed.update(kernel_args(cls, groups, kernel, kwargs))   # not in ss_optimizer: the same update, faster
     _check_kwargs(spec, cls, {**kwargs, **fixed})
     try:
         optimizer = cls(groups, lr=lr, **fixed, **kwargs)
@@ -124,6 +127,44 @@ def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate:
         # make_scheduler reads this to build the "adafactor" proxy schedule, as sd-scripts does.
         optimizer.lib_lora_initial_lr = learning_rate  # type: ignore[attr-defined]
     return optimizer, describe_optimizer(cls, kwargs)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_args(cls: type, groups: list[dict], kernel: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `fused` / `foreach` arguments of a torch.optim class (AdamW, SGD) for optimizer_kernel.
+
+    auto: fused (one kernel for all parameters) when every parameter is a float32 / float16 / bfloat16 CUDA tensor;
+    otherwise PyTorch's own default (foreach on CUDA, the per-parameter loop on the CPU, so CPU numbers never
+    change). fused / foreach / for_loop: that implementation, or a clear error where the class has none. The
+    user's own optimizer_args fused= / foreach= always win. Other optimizers' classes are left alone (auto) or
+    refused (an explicit choice). All three compute the same update; they differ in rounding order only.
+    """
+    if "fused" in kwargs or "foreach" in kwargs:
+        return {}
+    try:
+        accepted = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    is_torch = cls.__module__.startswith("torch.optim")
+    has_fused, has_foreach = is_torch and "fused" in accepted, is_torch and "foreach" in accepted
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if kernel == "auto":
+        if has_fused and on_cuda and all(p.dtype in _FUSED_DTYPES for p in params):
+            return {"fused": True}
+        return {}
+    name = f"{cls.__module__}.{cls.__name__}"
+    if kernel == "fused":
+        if not has_fused:
+            raise ConfigError(f"optimizer_kernel = \"fused\": {name} has no fused implementation (torch.optim's "
+                              f"AdamW and SGD have one); use optimizer_kernel = \"auto\"")
+        return {"fused": True}
+    if not has_foreach:
+        raise ConfigError(f"optimizer_kernel = \"{kernel}\": {name} does not offer a choice of implementation "
+                          f"(torch.optim's AdamW and SGD do); use optimizer_kernel = \"auto\"")
+    return {"foreach": kernel == "foreach"}
 
 
 def adafactor_relative_step(optimizer: torch.optim.Optimizer) -> bool:

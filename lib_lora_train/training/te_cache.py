@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import ConfigError
 from ..fsutil import atomic_write_bytes
+from ..transfer import to_device
 
 FORMAT = "lib_lora_train.te_outputs.v1"
 
@@ -115,8 +116,8 @@ class TextSource:
             if key not in self._memory:
                 self.prepare([cap])
             rows.append(self._memory[key])
-        hidden = torch.stack([h for h, _ in rows]).to(self.device)
-        pooled = None if rows[0][1] is None else torch.stack([p for _, p in rows]).to(self.device)
+        hidden = to_device(torch.stack([h for h, _ in rows]), self.device)   # no host wait on CUDA
+        pooled = None if rows[0][1] is None else to_device(torch.stack([p for _, p in rows]), self.device)
         return TextConditioning(hidden=hidden, pooled=pooled)
 
     # ------------------------------------------------------------ disk
