@@ -429,6 +429,8 @@ def build_workflow_router(jobs: Any, dependencies: List[Any]) -> APIRouter:
         return {"undone": res.level.description if res.level is not None else None, "restored": len(res.restored),
                 "conflicts": [wf.rel(proj, c) for c in res.conflicts]}
 
+    from .api_regimages import add_reg_images_route
+    add_reg_images_route(router, wf, Strict, _errors, _fail)   # POST /projects/{project}/reg-images
     return router
 
 

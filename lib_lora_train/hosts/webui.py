@@ -334,6 +334,13 @@ class WebUIHost:
         clip_skip = None if cfg is None else (getattr(cfg, "sample_clip_skip", None) or cfg.clip_skip or 1)
         return make_preview_renderer(self.webui, self._clear_networks, clip_skip=clip_skip)
 
+    def reg_image_source(self, take_lock: bool = True):
+        """Regularisation images drawn by the WebUI's own txt2img on the loaded checkpoint (webui_regimages.py):
+        a context yielding (model_id, "webui", render); take_lock=False inside a run, which holds the lock."""
+        from .webui_regimages import webui_reg_source
+
+        return webui_reg_source(self.webui, take_lock=take_lock)
+
     def sampler_names(self) -> list:
         from .webui_xyz_runtime import sampler_names
 

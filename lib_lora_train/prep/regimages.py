@@ -211,7 +211,8 @@ def engine_renderer(model: Any, device: Any = "cpu", *, clip_skip: int | None = 
 
 @contextlib.contextmanager
 def engine_source(model: Any, device: Any = "cpu", *, clip_skip: int | None = None) -> Iterator[tuple]:
-    yield engine_model_id(model), "engine", engine_renderer(model, device, clip_skip=clip_skip)
+    model_id = engine_model_id(model) + (f";clip_skip={clip_skip}" if clip_skip and clip_skip > 1 else "")
+    yield model_id, "engine", engine_renderer(model, device, clip_skip=clip_skip)
 
 
 @contextlib.contextmanager
@@ -237,6 +238,48 @@ def user_cache_dir() -> str:
     base = os.environ.get("LORA_TRAIN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lora_train")
     return os.path.join(base, CACHE_FOLDER)
+
+
+# ---------------------------------------------------------------- a host's (the tab, the HTTP API)
+_HOST_LOCK = threading.Lock()        # one request at a time per process: two would fight over the model
+
+
+def source_for_host(host: Any):
+    """The host's own txt2img when it has one (the WebUI), else the engine's sampler on the host's default
+    checkpoint file."""
+    own = getattr(host, "reg_image_source", None)
+    if own is not None:
+        return own(take_lock=True)
+    base = host.base_config()
+    return checkpoint_source(base.get("pretrained_model_name_or_path") or "", base.get("device") or "auto")
+
+
+def default_size_for_host(host: Any) -> tuple[int, int]:
+    """The size a project's run trains at unless told otherwise: the host's resolution, else the family's."""
+    res = host.base_config().get("resolution")
+    return parse_resolution(res) if res else (host.native_resolution(),) * 2
+
+
+def generate_for_project(host: Any, project: Any, req: RegRequest, *,
+                         progress: Callable[[int, int], None] | None = None,
+                         stop: threading.Event | None = None) -> dict[str, Any]:
+    """Draw (or find) `req` in the project's cache, where its runs look (jobs.py sets reg_images_dir to it).
+    Returns the result and the run keys that use these images."""
+    root = os.path.join(project.root, PROJECT_CACHE_FOLDER)
+    with _HOST_LOCK, source_for_host(host) as (model_id, backend, render):
+        result = generate_reg_images(req, model_id=model_id, backend=backend, render=render, cache_root=root,
+                                     progress=progress, stop=stop)
+    out = result.to_dict()
+    out["config"] = run_keys(req)
+    return out
+
+
+def run_keys(req: RegRequest) -> dict[str, Any]:
+    """The run-config keys that ask a run for exactly these images."""
+    return {"reg_images_prompt": req.prompt, "reg_images_count": req.count,
+            "reg_images_negative_prompt": req.negative_prompt, "reg_images_size": f"{req.width},{req.height}",
+            "reg_images_sampler": req.sampler, "reg_images_steps": req.steps, "reg_images_cfg_scale": req.cfg_scale,
+            "reg_images_seed": req.seed, "reg_images_repeats": req.repeats}
 
 
 # ---------------------------------------------------------------- a training run's
