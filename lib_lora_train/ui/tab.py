@@ -10,7 +10,7 @@ from typing import Any
 from ..hosts.base import Host
 from ..jobs import JobManager
 from . import form_store, history_section, params_section, preprocess_section, project_section, tags_section
-from . import train_section
+from . import regimages_section, train_section
 from .common import get_project, project_names
 from .compat import update
 from .context import Result, UIContext
@@ -21,7 +21,7 @@ from .tags_section import TAG_KEYS
 
 TAG_DEFAULTS = {"tag_tagger": "no tagger", "tag_model": "", "tag_csv": "", "tag_threshold": 0.35,
                 "tag_existing": "replace"}
-OPTION_KEYS = ["import_path"] + PP_KEYS + TAG_KEYS          # saved with the form, not parameters
+OPTION_KEYS = ["import_path"] + PP_KEYS + TAG_KEYS + regimages_section.REG_KEYS   # saved with the form
 DATA_OUTPUTS = tags_section.VIEW_KEYS + params_section.ESTIMATE_KEYS
 OPEN_OUTPUTS = (["project", "base_model", "trigger", "purpose", "preset"] + OPTION_KEYS + list(FORM_KEYS)
                 + params_section.ESTIMATE_KEYS + tags_section.VIEW_KEYS + ["tag_filter", "tag_status", "tag_selected"]
@@ -58,6 +58,7 @@ def open_view(ctx: UIContext, name: str | None) -> Result:
     out.update({"trigger": project.trigger, "purpose": saved.get("purpose") or project.purpose or "concept"})
     options = dict(PP_DEFAULTS, pp_resolution=_resolution(ctx) if _resolution(ctx) % 64 == 0 else 512)
     options.update(TAG_DEFAULTS)
+    options.update(regimages_section.REG_DEFAULTS)
     options["import_path"] = ""
     options.update({k: v for k, v in saved.items() if k in OPTION_KEYS})
     out.update(options)
@@ -115,6 +116,7 @@ def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
                     elif key == "params":
                         params_section.build(ctx)
                     elif key == "train":
+                        regimages_section.build(ctx)
                         train_section.build(ctx)
                     elif key == "history":
                         history_section.build(ctx)
@@ -142,6 +144,7 @@ def _wire(ctx: UIContext, blocks: Any) -> None:
     tags_section.wire(ctx)
     params_section.wire(ctx)
     train_section.wire(ctx, history_section.TABLE_KEYS)
+    regimages_section.wire(ctx)
     history_section.wire(ctx)
     ctx.on(c["project"].input, open_project, ["project"], OPEN_OUTPUTS)
     for key in OPTION_KEYS:

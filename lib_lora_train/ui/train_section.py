@@ -55,6 +55,9 @@ def start(ctx: UIContext, project_name: str, *args: Any) -> Result:
     if active_job(ctx, project.name) is not None:
         raise ConfigError("this project already has a run training or queued; stop it or wait for it")
     cfg, repeats = form_to_config(values)
+    from .regimages_section import run_keys
+    for key, value in run_keys(project.root).items():   # "Use them in the run": prior preservation's keys
+        cfg.setdefault(key, value)
     prompts = _write_prompts(project, values.get("sample_prompts", ""))
     if prompts:
         cfg["sample_prompts"] = prompts
