@@ -65,8 +65,8 @@ def check_compile_backend(backend: str, device: torch.device) -> None:
     """A clear error now rather than a compiler failure at the first step."""
     if not hasattr(torch, "compile"):
         raise ConfigError(f"torch_compile needs PyTorch 2.0 or newer (this is {torch.__version__})")
-    import torch._dynamo
-    known = set(torch._dynamo.list_backends(exclude_tags=()))
+    import torch._dynamo as dynamo
+    known = set(dynamo.list_backends(exclude_tags=()))
     if backend not in known:
         raise ConfigError(f"dynamo_backend '{backend}' is not available in this PyTorch ({torch.__version__}); "
                           f"available: {', '.join(sorted(known))}")
@@ -97,6 +97,9 @@ def apply_speed_options(cfg, model, device: torch.device, emit=None):
     if cfg.channels_last:
         undos.append(use_channels_last([model.unet, getattr(model, "vae", None)]))
     forward = compile_unet(model.unet, cfg, device, emit)
+    if forward is not model.unet:      # drop the compiled graphs (they refer to this run's adapters) at the end
+        import torch._dynamo as dynamo
+        undos.append(dynamo.reset)
 
     def undo() -> None:
         for u in reversed(undos):
