@@ -39,6 +39,8 @@ class CompareRequest:
     height: Optional[int] = None
     sampler_name: str = DEFAULT_SAMPLER
     cfg_scale: float = DEFAULT_CFG
+    drift: bool = True                        # also measure how far prompts without the trigger moved (drift.py)
+    control_prompts: Optional[List[str]] = None   # None / empty: the run's captions without the trigger
 
 
 @dataclass
@@ -58,6 +60,7 @@ class CompareResult:
     saved: Optional[str] = None               # the grid file (or the WebUI's grid folder)
     extra: Dict[str, Any] = field(default_factory=dict)
     failed: List[Any] = field(default_factory=list)   # compare.failed.FailedCell: cells drawn as "failed"
+    drift: Any = None                         # compare.drift.DriftReport, or None when not asked for
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything but the picture (an API answer adds it as base64)."""
@@ -66,7 +69,8 @@ class CompareResult:
                 "files": list(self.files), "weights": list(self.weights), "prompt": self.prompt, "seed": self.seed,
                 "infotext": self.infotext, "method": self.method, "interrupted": self.interrupted,
                 "saved": self.saved, "validation": self.ranking.to_dict(), "table": table_text(self.ranking),
-                "failed": [f.to_dict() for f in self.failed]}
+                "failed": [f.to_dict() for f in self.failed],
+                "drift": self.drift.to_dict() if self.drift is not None else None}
 
     def png_bytes(self) -> bytes:
         from PIL.PngImagePlugin import PngInfo
@@ -119,13 +123,44 @@ from .jobs import _accepts  # noqa: E402  (one signature check for hosts' option
 
 def run_compare(host: Any, request: CompareRequest, *, stop: Optional[threading.Event] = None,
                 progress: Optional[Progress] = None) -> CompareResult:
-    """The grid for `request`: the host's own (host.compare_grid) or the engine's standalone one."""
+    """The grid for `request`: the host's own (host.compare_grid) or the engine's standalone one.
+
+    Drift with a host's own grid: a host that can draw single pictures offers `host.compare_renderer(request)`
+    -> `render(specs, epoch_file, weight) -> images` (its sampler, its LoRA loading); the control prompts are
+    drawn with it after the grid. A host without one gets an honest "not measured" report."""
     check_request(request)
     own = getattr(host, "compare_grid", None)
     if callable(own):
         kw = {k: v for k, v in (("stop", stop), ("progress", progress)) if v is not None and _accepts(own, k)}
-        return own(request, **kw)
+        result = own(request, **kw)
+        if request.drift and getattr(result, "drift", None) is None and not result.interrupted:
+            result.drift = host_drift(host, request, result, stop=stop)
+        return result
     return engine_compare(request, stop=stop, progress=progress)
+
+
+def host_drift(host: Any, request: CompareRequest, result: CompareResult, *,
+               stop: Optional[threading.Event] = None) -> Any:
+    """Drift of a host-made grid's epochs, drawn by the host's own single-picture renderer when it has one."""
+    from .compare.drift import DRIFT_SEEDS, default_control_prompts, measure_drift, suggest, unavailable
+    from .compare.runs import open_run
+    make = getattr(host, "compare_renderer", None)
+    if not callable(make):
+        return unavailable(f"this host ({getattr(host, 'name', '?')}) draws the grid as one picture and offers "
+                           f"no single-picture renderer to draw the control prompts with")
+    run = open_run(request.record_path)
+    files = choose_files(run, request.epochs)
+    controls = [p for p in (request.control_prompts or []) if p and p.strip()] or \
+        default_control_prompts(run.record)
+    if not controls:
+        return unavailable("the run's captions hold nothing but the trigger and it has no class prompt; pass "
+                           "control prompts")
+    rw, rh = run.resolution
+    report = measure_drift(make(request), files, controls, seed=int(result.seed), n_seeds=DRIFT_SEEDS,
+                           negative_prompt=request.negative_prompt or None, steps=int(request.steps),
+                           width=int(request.width or rw), height=int(request.height or rh),
+                           sampler=request.sampler_name or None, cfg_scale=float(request.cfg_scale), stop=stop)
+    return suggest(report, result.ranking)
 
 
 def engine_compare(request: CompareRequest, *, model: Any = None, stop: Optional[threading.Event] = None,
@@ -142,12 +177,13 @@ def engine_compare(request: CompareRequest, *, model: Any = None, stop: Optional
                         negative_prompt=request.negative_prompt or None,
                         seed=None if int(request.seed) < 0 else int(request.seed), steps=int(request.steps),
                         width=request.width, height=request.height, sampler=request.sampler_name or None,
-                        cfg_scale=float(request.cfg_scale), progress=progress, stop=stop)
+                        cfg_scale=float(request.cfg_scale), progress=progress, stop=stop,
+                        drift=bool(request.drift), control_prompts=request.control_prompts or None)
     saved = save_compare_grid(grid, default_out_path(run)) if save else None
     return CompareResult(image=grid.image, row_labels=list(grid.row_labels), col_labels=list(grid.col_labels),
                          epochs=list(grid.epochs), files=list(grid.files), weights=list(grid.weights),
                          prompt=grid.prompts[0], seed=grid.seed, infotext=grid.infotext, ranking=grid.ranking,
-                         method="engine", saved=saved, failed=list(grid.failed))
+                         method="engine", saved=saved, failed=list(grid.failed), drift=grid.drift)
 
 
 # ---------------------------------------------------------------------------------------------- runs to offer
@@ -226,6 +262,11 @@ def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequenc
         sampler_name: str = Field(DEFAULT_SAMPLER, description="Sampler (the WebUI's names; default DPM++ 2M "
                                                                "Karras)")
         cfg_scale: float = Field(DEFAULT_CFG, description="CFG scale")
+        drift: bool = Field(True, description="Also draw control prompts (without the trigger) with the base "
+                                              "model and each epoch on fixed seeds, and report their drift")
+        control_prompts: Optional[List[str]] = Field(None, description="Control prompts for drift (default: the "
+                                                     "run's most frequent captions with the trigger taken out, "
+                                                     "or its reg_images_prompt)")
 
     class ValidationRow(BaseModel):
         epoch: int = Field(..., description="Epoch (0: before training)")
@@ -250,6 +291,28 @@ def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequenc
         prompt: Optional[str] = Field(None, description="The cell's prompt")
         file: Optional[str] = Field(None, description="The cell's LoRA file")
 
+    class DriftRowModel(BaseModel):
+        epoch: int = Field(..., description="Epoch")
+        drift: Optional[float] = Field(None, description="Mean image distance of the control pictures from the "
+                                                         "base model's (same seeds), 0 = unchanged, 1 = maximal")
+        ratio: Optional[float] = Field(None, description="drift / spread")
+        within: Optional[bool] = Field(None, description="ratio <= threshold: the control prompts were left alone")
+        file: Optional[str] = Field(None, description="The epoch's LoRA file")
+
+    class DriftModel(BaseModel):
+        available: bool = Field(True, description="False: drift was not measured (explanation says why)")
+        prompts: List[str] = Field(default_factory=list, description="The control prompts (no trigger)")
+        seeds: List[int] = Field(default_factory=list, description="Seeds of the control pictures")
+        weight: float = Field(1.0, description="LoRA weight the control prompts were drawn at")
+        spread: Optional[float] = Field(None, description="The base model's mean distance between pictures of "
+                                                          "the same prompt at different seeds: drift's scale")
+        threshold: float = Field(0.5, description="Largest ratio that counts as 'left alone'")
+        rows: List[DriftRowModel] = Field(default_factory=list, description="One row per epoch")
+        suggested_epoch: Optional[int] = Field(None, description="Lowest validation loss among the epochs that "
+                                                                 "did not drift (see explanation)")
+        explanation: str = Field("", description="The suggestion and its reasoning, in plain words")
+        metric: str = Field("", description="How the distance is computed")
+
     class CompareAnswer(BaseModel):
         id: str = Field(..., description="The run's id")
         image: str = Field(..., description="The grid as a base64 PNG (with its infotext)")
@@ -268,6 +331,9 @@ def build_compare_router(jobs: Any, host: Any, *, dependencies: Optional[Sequenc
         table: str = Field("", description="The validation-loss table as text")
         failed: List[FailedCellModel] = Field(default_factory=list, description="Cells that failed (drawn as a "
                                               "grey 'failed' tile, not as a black picture), with the reason")
+        drift: Optional[DriftModel] = Field(None, description="Drift of the prompts without the trigger, per "
+                                                              "epoch, and the epoch suggested by loss and drift "
+                                                              "(null when not asked for)")
 
     api = LoraTrainAPI(jobs)
     router = APIRouter(dependencies=_as_dependencies(dependencies), tags=[TAG])
@@ -310,5 +376,5 @@ def mount_compare(app_or_router: Any, jobs: Any, host: Any, *, prefix: str = "/l
 
 
 __all__ = ["CompareRequest", "CompareResult", "RunChoice", "DEFAULT_WEIGHTS", "DEFAULT_SAMPLER", "check_request",
-           "choose_files", "compare_runs", "engine_compare", "parse_weights", "run_compare", "build_compare_router",
+           "host_drift", "choose_files", "compare_runs", "engine_compare", "parse_weights", "run_compare", "build_compare_router",
            "mount_compare"]

@@ -84,6 +84,19 @@ def test_engine_grid_over_http(tiny_run):
     new = set(os.listdir(root / "loras" / "proj")) - before
     assert d["saved"] and os.path.basename(d["saved"]) in new            # saved beside the run
     assert os.path.basename(d["saved"]).endswith(".png")
+    # drift (asked for by default): the captions without the trigger drawn on two seeds, per epoch
+    drift = d["drift"]
+    assert drift["available"] and drift["prompts"] == ["tag0", "tag1"] and drift["seeds"] == [3, 4]
+    assert [r["epoch"] for r in drift["rows"]] == [1, 2] and all(r["drift"] >= 0 for r in drift["rows"])
+    assert drift["suggested_epoch"] in (1, 2) and drift["explanation"].startswith("Suggested: epoch")
+    assert drift["spread"] > 0 and drift["metric"] and drift["weight"] == 1.0
+    r = client.post(f"{V1}/runs/{run_id}/compare", json={"weights": [1.0], "steps": 2, "seed": 3, "drift": False})
+    assert r.status_code == 200 and r.json()["drift"] is None
+    r = client.post(f"{V1}/runs/{run_id}/compare", json={"weights": [1.0], "steps": 2, "seed": 3, "epochs": [2],
+                                                         "control_prompts": ["a tree"]})
+    assert r.json()["drift"]["prompts"] == ["a tree"] and [x["epoch"] for x in r.json()["drift"]["rows"]] == [2]
+    fields = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"drift", "ratio", "within"} <= set(fields["DriftRowModel"]["properties"])
 
 
 def test_unknown_run_bad_input_and_a_run_still_training(tiny_run):
@@ -135,6 +148,7 @@ def test_a_hosts_own_grid_is_used_and_answered(tiny_run):
     assert d["method"] == "lora_train" and d["interrupted"] and d["validation"]["suggested_epoch"] == 2
     assert d["row_labels"] == ["a-000001 (epoch 1)", "a (epoch 2)"]
     assert Image.open(io.BytesIO(base64.b64decode(d["image"]))).text["parameters"] == "zkz\nSteps: 3"
+    assert d["drift"] is None                      # an interrupted grid: no drift drawn after it
     stop = threading.Event()
     run_compare(host, CompareRequest(record_path=record), stop=stop, progress=print)
     assert host.calls[-1][1] is stop and host.calls[-1][2] is print

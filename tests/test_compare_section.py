@@ -107,7 +107,7 @@ def test_run_view_ranks_and_explains(env):
     sec = cs.CompareSection(BasicHost(paths), None)
     (label,) = sec.run_labels()
     v = sec.run_view(label)
-    assert v["table"][0][:4] == [2, 0.2, 0.1, 1] and v["table"][0][5] == "★ suggested"
+    assert v["table"][0][:5] == [2, 0.2, 0.1, "", 1] and v["table"][0][6] == "★ suggested"
     assert [r[0] for r in v["table"]] == [2, 3, 1]
     assert "overfitting" in v["explanation"]
     os.remove(os.path.join(os.path.dirname(record), "cmp-000001.safetensors"))
@@ -131,29 +131,67 @@ def test_grid_handler_through_the_host(env):
     assert last["image"].size == (30, 20) and last["status"].startswith("Done: 2 epochs x 1 weights, seed 9")
     assert "Rows (epochs): cmp-000001 (epoch 1) | cmp-000002" in last["labels"]
     assert "Columns (weights): LoRA weight: 0.5" in last["labels"]
-    assert any(r[5] == "★ suggested" for r in last["table"])
+    assert any(r[6] == "★ suggested" for r in last["table"])
+    assert req.drift is True and req.control_prompts is None
+    # this host draws the grid as one picture and has no single-picture renderer: drift says so, honestly
+    assert "Drift was not measured" in last["explanation"] and "single-picture renderer" in last["explanation"]
+    assert all(r[3] == "" for r in last["table"])
     bad = list(sec.make_grid(label, [], "0.5", "", "", -1, 20, None, None, ""))
     assert bad[-1]["status"].startswith("Error: tick at least one")
     bad = list(sec.make_grid(label, ["epoch 1: cmp-000001"], "x", "", "", -1, 20, None, None, ""))
     assert "not a number" in bad[-1]["status"]
 
 
+class RenderingHost(GridHost):
+    """A host that can also draw single pictures: the base (weight 0) by seed, epoch 1 as the base, epoch 2
+    changed (it drifted)."""
+
+    def __init__(self, paths):
+        super().__init__(paths)
+        self.drawn = []
+
+    def compare_renderer(self, request):
+        def render(specs, ef, weight):
+            self.drawn.append((ef.epoch, weight, [s.prompt for s in specs]))
+            shift = 120 if (weight and ef.epoch == 2) else 0
+            return [Image.new("RGB", (16, 16), (s.seed * 40 % 256, shift, 0)) for s in specs]
+        return render
+
+
+def test_drift_column_and_suggestion_with_a_host_renderer(env):
+    paths, record = env
+    host = RenderingHost(paths)
+    sec = cs.CompareSection(host, None)
+    (label,) = sec.run_labels()
+    out = list(sec.make_grid(label, ["epoch 1: cmp-000001", "epoch 2: cmp-000002"], "1", "zkz", "", 4, 3, 64, 64,
+                             "Euler a", "red circle"))[-1]
+    assert host.drawn[0] == (1, 0.0, ["red circle", "red circle"])          # the base: two seeds
+    assert [(e, w) for e, w, _ in host.drawn[1:]] == [(1, 1.0), (2, 1.0)]
+    rows = {r[0]: r for r in out["table"]}
+    assert rows[1][3] == "0.0000 ✓" and rows[2][3].endswith("✗")
+    # epoch 2 has the lower validation loss but drifted: epoch 1 is suggested, and the text says why
+    assert rows[1][6] == "★ suggested" and rows[2][6] == ""
+    assert out["explanation"].startswith("Suggested: epoch 1") and "Epoch 2 has the lowest validation loss" in \
+        out["explanation"]
+    assert "Suggested by loss and drift: epoch 1" in out["status"]
+
+
 def test_stop_ends_a_running_grid(env):
     paths, _ = env
-    host = GridHost(paths, delay=5.0)
+    host = GridHost(paths, delay=600.0)     # runs until stopped (a loaded machine must not finish it first)
     sec = cs.CompareSection(host, None)
     (label,) = sec.run_labels()
     outs = []
     gen = sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, "", interval=0.05)
-    t = threading.Thread(target=lambda: outs.extend(gen))
+    t = threading.Thread(target=lambda: outs.extend(gen), daemon=True)
     t.start()
-    deadline = time.time() + 30
+    deadline = time.time() + 120
     while not any("1/4 cells" in o.get("status", "") for o in outs) and time.time() < deadline:
         time.sleep(0.02)                                    # the handler reports the host's progress
     second = list(sec.make_grid(label, ["epoch 1: cmp-000001"], "1", "", "", -1, 20, None, None, ""))
     assert second[-1]["status"].startswith("A grid is already being made") and len(host.requests) == 1
     assert sec.stop().startswith("Stopping")
-    t.join(30)
+    t.join(120)
     assert host.stops == [True] and outs[-1]["status"].startswith("Stopped")
     assert any("1/4 cells" in o.get("status", "") for o in outs[:-1])
     assert sec.stop() == "Nothing is running."
@@ -202,8 +240,10 @@ def test_wired_events_give_one_value_per_output(env):
     assert len(ins) == 1 and len(values) == len(outs)
     assert values[1] == "zkz" and values[5:7] == [512, 768]
     fn, ins, outs = events["lora_train_compare_make"]
-    steps = list(fn(label, ["epoch 2: cmp-000002"], "0.5, 1", "zkz", "", 1, 2, 64, 64, "Euler a"))
-    assert len(ins) == 10 and all(len(s) == len(outs) for s in steps)
+    steps = list(fn(label, ["epoch 2: cmp-000002"], "0.5, 1", "zkz", "", 1, 2, 64, 64, "Euler a", "a tree\n\n",
+                    False))
+    assert len(ins) == 12 and all(len(s) == len(outs) for s in steps)
+    assert host.requests[-1].control_prompts == ["a tree"] and host.requests[-1].drift is False
     assert steps[-1][1].size == (30, 20) and host.requests[-1].epochs == [2]
     fn, ins, outs = events["lora_train_compare_send"]
     assert fn(label, "cmp", 0.6) == "<lora:cmp:0.6> zkz"

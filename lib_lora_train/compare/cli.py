@@ -60,7 +60,9 @@ def cmd_compare(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     grid = compare_grid(run, model=model, epochs=args.epochs, weights=args.weights, prompts=args.prompt,
                         negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, width=args.width,
                         height=args.height, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                        clip_skip=args.clip_skip, device=args.device, progress=progress, stop=stop)
+                        clip_skip=args.clip_skip, device=args.device, progress=progress, stop=stop,
+                        drift=not args.no_drift, control_prompts=args.control_prompt, drift_seeds=args.drift_seeds,
+                        drift_weight=args.drift_weight)
     out = args.out or default_out_path(run)
     save_compare_grid(grid, out)
     if args.json:
@@ -72,6 +74,14 @@ def cmd_compare(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         print(table_text(grid.ranking))
         print()
         print(grid.ranking.explanation)
+        if grid.drift is not None:
+            from .drift import drift_table_text
+            print()
+            print("Drift of the prompts without the trigger from the base model:")
+            print(drift_table_text(grid.drift))
+            if grid.drift.available:
+                print()
+                print(grid.drift.explanation)
     return 0
 
 
@@ -81,7 +91,10 @@ def register(subparsers) -> None:
         description="Draw every epoch file of a run at several LoRA weights with the same seed (rows: epochs, "
                     "columns: weights), save the grid as a PNG with its infotext, and print the epochs ranked "
                     "by validation loss with a suggested epoch. The prompt defaults to the run's trigger word; "
-                    "a prompt may carry sd-scripts flags (--n --w --h --s --d --l --ss).")
+                    "a prompt may carry sd-scripts flags (--n --w --h --s --d --l --ss). Unless --no_drift, "
+                    "control prompts without the trigger are drawn too, with the base model and each epoch on "
+                    "fixed seeds, and their drift from the base is shown beside the validation loss; the "
+                    "suggested epoch is then the lowest-loss one that did not drift.")
     c.add_argument("run", help="a training output folder holding one <name>.run.json, or the .run.json file")
     c.add_argument("--weights", nargs="+", help=f"LoRA weights (default {' '.join(map(str, DEFAULT_WEIGHTS))}); "
                                                 f"0 adds the base model without the LoRA")
@@ -101,6 +114,13 @@ def register(subparsers) -> None:
     c.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     c.add_argument("--out", help="grid PNG path (default: <run folder>/<name>-compare-<time>.png); a .json with "
                                  "the labels and the table is written beside it")
+    c.add_argument("--control_prompt", action="extend", nargs="+",
+                   help="prompt(s) without the trigger to measure drift on (default: the run's most frequent "
+                        "captions with the trigger word taken out, or its reg_images_prompt)")
+    c.add_argument("--no_drift", action="store_true", help="do not measure drift (fewer pictures to draw)")
+    c.add_argument("--drift_seeds", type=int, default=None,
+                   help="seeds per control prompt, from --seed on (default 2; at least 2)")
+    c.add_argument("--drift_weight", type=float, default=None, help="LoRA weight for drift (default 1)")
     c.add_argument("--table", action="store_true", help="only print the validation-loss table (no grid)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from ..errors import ConfigError, Interrupted, ModelError
+from .drift import DriftReport
 from .failed import FailedCell, bad_image_reason, failed_tile, is_nan_image, short_reason
 from .ranking import Ranking, ranking_from_record, table_text
 from .runs import EpochFile, RunInfo, open_run, trigger_word
@@ -43,6 +44,7 @@ class CompareGrid:
     ranking: Ranking
     cells: list[list[list[Image.Image]]] = field(repr=False, default_factory=list)   # [prompt][epoch][weight]
     failed: list[FailedCell] = field(default_factory=list)   # cells drawn as "failed" tiles, with the reason
+    drift: DriftReport | None = None   # how far the control prompts (no trigger) moved from the base, per epoch
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -53,7 +55,8 @@ class CompareGrid:
         return {"row_labels": self.row_labels, "col_labels": self.col_labels, "epochs": self.epochs,
                 "files": self.files, "weights": self.weights, "prompts": self.prompts, "seed": self.seed,
                 "infotext": self.infotext, "validation": self.ranking.to_dict(),
-                "failed": [f.to_dict() for f in self.failed]}
+                "failed": [f.to_dict() for f in self.failed],
+                "drift": self.drift.to_dict() if self.drift is not None else None}
 
     def png_bytes(self) -> bytes:
         """The PNG with its text chunks, e.g. for an API answer in base64."""
@@ -66,8 +69,12 @@ class CompareGrid:
         return buf.getvalue()
 
     def png_text(self) -> dict[str, str]:
-        return {"parameters": self.infotext, PNG_KEY: json.dumps(self.to_dict(), ensure_ascii=False),
+        text = {"parameters": self.infotext, PNG_KEY: json.dumps(self.to_dict(), ensure_ascii=False),
                 "validation_table": table_text(self.ranking)}
+        if self.drift is not None:
+            from .drift import drift_table_text
+            text["drift_table"] = drift_table_text(self.drift)
+        return text
 
 
 def parse_weights(values: Sequence[float | str] | None) -> list[float]:
@@ -114,12 +121,16 @@ def _prompt_specs(prompts: Sequence[str] | None, run: RunInfo, *, negative_promp
     return specs
 
 
-def _row_label(run: RunInfo, epoch: int, path: str, ranking: Ranking) -> str:
+def _row_label(run: RunInfo, epoch: int, path: str, ranking: Ranking, drift: DriftReport | None = None) -> str:
     row = next((r for r in ranking.rows if r.epoch == epoch), None)
     lines = [os.path.splitext(os.path.basename(path))[0], f"epoch {epoch}"]
     if row is not None and row.validation_loss is not None:
         lines.append(f"val {row.validation_loss:.4f}")
-    if row is not None and row.suggested:
+    d = drift.by_epoch().get(epoch) if drift is not None and drift.available else None
+    if d is not None and d.drift is not None:
+        lines.append(f"drift {d.drift:.3f}")
+    suggested = drift.suggested_epoch == epoch if d is not None else (row is not None and row.suggested)
+    if suggested:
         lines.append("* suggested")
     return "\n".join(lines)
 
@@ -162,13 +173,17 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
                  steps: int = DEFAULT_STEPS, width: int | None = None, height: int | None = None,
                  sampler: str | None = None, cfg_scale: float = DEFAULT_CFG, clip_skip: int | None = None,
                  device: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 stop: threading.Event | None = None) -> CompareGrid:
+                 stop: threading.Event | None = None, drift: bool = False,
+                 control_prompts: Sequence[str] | None = None, drift_seeds: int | None = None,
+                 drift_weight: float | None = None) -> CompareGrid:
     """Render the grid of a run (a RunInfo, a run folder or a .run.json path).
 
     Cells come from `render` when given, else from the engine's MergingRenderer on `model` (an SDModel a host
     already holds; else the run's base model is loaded). `epochs`: which epoch files (default all); a weight of
     0 is the base model, drawn once. `progress(done, total)` after each cell; `stop` ends the grid between cells
     with Interrupted. Size defaults to the run's resolution; seed None (or < 0) = one random seed for all cells.
+    `drift`: also draw the control prompts (`control_prompts`, default: the run's captions without the trigger,
+    compare/drift.py) with the base and each chosen epoch, and suggest an epoch by validation loss and drift.
     """
     from ..sampling.grid import make_grid
     from ..sampling.pipeline import sampler_key
@@ -200,7 +215,12 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
     if render is None:
         model = model if model is not None else _load_base(run, device)
         render = own = MergingRenderer(model, clip_skip)
-    total = len(chosen) * len(weights) * len(specs)
+    from .drift import DRIFT_SEEDS, default_control_prompts
+    controls = [p for p in (control_prompts or []) if p and p.strip()] or \
+        (default_control_prompts(run.record) if drift else [])
+    n_seeds = int(drift_seeds or DRIFT_SEEDS)
+    drift_total = len(controls) * n_seeds * (len(chosen) + 1) if drift and controls else 0
+    total = len(chosen) * len(weights) * len(specs) + drift_total
     done = 0
     cells: list[list[list[Image.Image]]] = [[[None] * len(weights) for _ in chosen] for _ in specs]
     base_images: list[Image.Image] | None = None
@@ -221,11 +241,15 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
                 done += len(specs)
                 if progress is not None:
                     progress(done, total)
+        report = None
+        if drift:
+            report = _drift(render, chosen, controls, specs[0], n_seeds, drift_weight, ranking, done, total,
+                            progress, stop)
     finally:
         if own is not None:
             own.close()
 
-    row_labels = [_row_label(run, ef.epoch, ef.path, ranking) for ef in chosen]
+    row_labels = [_row_label(run, ef.epoch, ef.path, ranking, report) for ef in chosen]
     col_labels = [weight_label(w) for w in weights]
     title_base = f"{run.output_name}: epochs x LoRA weight"
     parts = [make_grid(cells[p], row_labels, col_labels, title=f"{title_base} | {spec.prompt}")
@@ -235,7 +259,32 @@ def compare_grid(run: RunInfo | str, *, model=None, render: Renderer | None = No
     return CompareGrid(image=image, row_labels=row_labels, col_labels=col_labels,
                        epochs=[ef.epoch for ef in chosen], files=[ef.path for ef in chosen], weights=weights,
                        prompts=[s.prompt for s in specs], seed=seed, infotext=infotext, ranking=ranking, cells=cells,
-                       failed=failed)
+                       failed=failed, drift=report)
+
+
+def _drift(render: Renderer, chosen, controls, spec, n_seeds, weight, ranking, done, total, progress, stop):
+    """The drift report of the chosen epochs (one the failed cells did not spoil: a failure is reported)."""
+    from .drift import DRIFT_WEIGHT, measure_drift, suggest, unavailable
+    if not controls:
+        return unavailable("the run's captions hold nothing but the trigger and it has no class prompt; pass "
+                           "control prompts")
+
+    def step(d: int, _t: int) -> None:
+        if progress is not None:
+            progress(done + d, total)
+    w, h = spec.size()
+    try:
+        report = measure_drift(render, chosen, controls, seed=int(spec.seed), n_seeds=n_seeds,
+                               weight=DRIFT_WEIGHT if weight is None else float(weight),
+                               negative_prompt=spec.negative_prompt, steps=spec.steps, width=w, height=h,
+                               sampler=spec.sampler, cfg_scale=spec.scale, progress=step, stop=stop)
+    except Interrupted:
+        raise
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the grid stands without the drift numbers
+        return unavailable(f"drawing the control prompts failed: {short_reason(exc)}")
+    return suggest(report, ranking)
 
 
 def _render_cell(render: Renderer, specs, ef: EpochFile, weight: float, failed: list[FailedCell]) -> list:

@@ -21,7 +21,7 @@ from ..compare_api import (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_WEIGHTS, Comp
 from ..errors import LoraTrainError
 
 P = "lora_train_compare_"
-TABLE_HEADERS = ["Epoch", "Validation loss", "Training loss", "Place", "File", "Suggested"]
+TABLE_HEADERS = ["Epoch", "Validation loss", "Training loss", "Drift", "Place", "File", "Suggested"]
 WEIGHTS_TEXT = ", ".join(f"{w:g}" for w in DEFAULT_WEIGHTS)
 ENGINE_SAMPLERS = ("DPM++ 2M Karras", "Euler a", "Euler", "DDIM", "Heun", "PLMS", "DDPM")
 JS_SEND = "(text) => { if (typeof loraTrainCompareToTxt2img === 'function') { loraTrainCompareToTxt2img(text); } " \
@@ -46,13 +46,40 @@ def send_text(stem: str, weight: Any, trigger: str = "") -> str:
     return f"{token} {trigger}".strip() if trigger else token
 
 
-def table_rows(ranking: Any) -> list[list[Any]]:
+def table_rows(ranking: Any, drift: Any = None) -> list[list[Any]]:
+    """One row per epoch, best validation loss first; with a drift report its drift column is filled and its
+    suggestion (loss and drift together) is the one marked."""
     def num(v: Optional[float]) -> Any:
         return "" if v is None else round(float(v), 5)
+    measured = drift is not None and getattr(drift, "available", False) and drift.rows
+    by = drift.by_epoch() if measured else {}
     rows = sorted(ranking.rows, key=lambda r: (r.rank is None, r.rank or 0, r.epoch))
-    return [[r.epoch, num(r.validation_loss), num(r.train_loss), "" if r.rank is None else r.rank,
+
+    def marked(r: Any) -> bool:
+        return r.epoch == drift.suggested_epoch if measured else r.suggested
+
+    def drift_cell(r: Any) -> Any:
+        d = by.get(r.epoch)
+        if d is None or d.drift is None:
+            return "" if r.epoch else (0.0 if measured else "")
+        return f"{d.drift:.4f}" + ("" if d.within is None else (" ✓" if d.within else " ✗"))
+    return [[r.epoch, num(r.validation_loss), num(r.train_loss), drift_cell(r), "" if r.rank is None else r.rank,
              os.path.basename(r.file) if r.file else ("(base model)" if r.epoch == 0 else ""),
-             "★ suggested" if r.suggested else ""] for r in rows]
+             "★ suggested" if marked(r) else ""] for r in rows]
+
+
+def explanation_text(ranking: Any, drift: Any = None) -> str:
+    """What the curves say, then (when drift was asked for) the suggestion by loss and drift, or why it is
+    missing."""
+    text = ranking.explanation
+    if drift is not None and drift.explanation:
+        text = f"{drift.explanation}\n\n{text}" if drift.available else f"{text}\n\n{drift.explanation}"
+    return text
+
+
+def control_lines(text: Any) -> list[str]:
+    """Control prompts from the box: one per line, blank lines skipped."""
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
 
 
 def sampler_choices(host: Any) -> list[str]:
@@ -119,7 +146,8 @@ class CompareSection:
                 "table": table_rows(ranking), "explanation": explanation, "size": run.resolution}
 
     def request(self, label: str, epochs: list[str], weights: str, prompt: str, negative: str, seed: Any,
-                steps: Any, width: Any, height: Any, sampler: str) -> CompareRequest:
+                steps: Any, width: Any, height: Any, sampler: str, control: str = "",
+                drift: bool = True) -> CompareRequest:
         from ..compare_api import parse_weights
         if not epochs:
             raise LoraTrainError("tick at least one epoch file")
@@ -127,7 +155,8 @@ class CompareSection:
                               weights=parse_weights(weights or WEIGHTS_TEXT), prompt=prompt or "",
                               negative_prompt=negative or "", seed=int(seed if seed not in (None, "") else -1),
                               steps=int(steps or DEFAULT_STEPS), width=int(width) if width else None,
-                              height=int(height) if height else None, sampler_name=sampler or DEFAULT_SAMPLER)
+                              height=int(height) if height else None, sampler_name=sampler or DEFAULT_SAMPLER,
+                              drift=bool(drift), control_prompts=control_lines(control) or None)
 
     def make_grid(self, *values: Any, interval: float = 0.5) -> Iterator[dict[str, Any]]:
         """Run the grid in a thread and report: {"status"} while it runs, then the picture, labels and table."""
@@ -186,8 +215,11 @@ class CompareSection:
                                       if f.epoch is not None and f.weight is not None}))
             status += (f"\n{len(failed)} cells failed (grey tiles{': ' + where if where else ''}): "
                        f"{failed[0].reason}")
-        return {"status": status, "image": res.image, "labels": "\n".join(lines), "table": table_rows(res.ranking),
-                "explanation": res.ranking.explanation}
+        drift = getattr(res, "drift", None)
+        if drift is not None and drift.available and drift.suggested_epoch is not None:
+            status += f"\nSuggested by loss and drift: epoch {drift.suggested_epoch}"
+        return {"status": status, "image": res.image, "labels": "\n".join(lines),
+                "table": table_rows(res.ranking, drift), "explanation": explanation_text(res.ranking, drift)}
 
     def stop(self) -> str:
         if self._stop is None:
@@ -216,7 +248,8 @@ def build_compare_section(host: Any, jobs: Any) -> CompareSection:
     in_webui = getattr(host, "name", "") == "webui"
     with gr.Column(elem_id=P + "root"):
         gr.Markdown("Draw every chosen epoch file of a run at every weight with one seed: rows are epochs, "
-                    "columns are weights. The table ranks the epochs by validation loss.", elem_id=P + "intro")
+                    "columns are weights. The table ranks the epochs by validation loss and shows how far "
+                    "prompts without the trigger drifted from the base model.", elem_id=P + "intro")
         with gr.Row():
             run = gr.Dropdown(choices=labels, value=labels[0] if labels else None, label="Run", scale=4,
                               elem_id=P + "run")
@@ -238,13 +271,19 @@ def build_compare_section(host: Any, jobs: Any) -> CompareSection:
                                   (samplers[0] if samplers else None), label="Sampler", allow_custom_value=True,
                                   elem_id=P + "sampler")
         with gr.Row():
+            drift = gr.Checkbox(value=True, label="Measure drift", elem_id=P + "drift", scale=1,
+                                info="Draw prompts without the trigger with the base model and each epoch and "
+                                     "show how far they moved")
+            control = gr.Textbox(label="Control prompts", lines=2, elem_id=P + "control", scale=3,
+                                 info="One per line; empty: the run's captions without the trigger word")
+        with gr.Row():
             make = gr.Button("Make grid", variant="primary", elem_id=P + "make")
             stop = gr.Button("Stop", variant="stop", elem_id=P + "stop")
         status = gr.Textbox(label="Progress", interactive=False, elem_id=P + "status")
         image = gr.Image(label="Grid", type="pil", interactive=False, elem_id=P + "image")
         grid_labels = gr.Textbox(label="Rows and columns", lines=2, interactive=False, elem_id=P + "labels")
         table = gr.Dataframe(value=dataframe(first["table"], TABLE_HEADERS), headers=TABLE_HEADERS,
-                             interactive=False, wrap=True, label="Epochs by validation loss",
+                             interactive=False, wrap=True, label="Epochs by validation loss, with drift",
                              elem_id=P + "table")
         explanation = gr.Textbox(value=first["explanation"], label="What the curves say", lines=4,
                                  interactive=False, elem_id=P + "explanation")
@@ -284,8 +323,8 @@ def build_compare_section(host: Any, jobs: Any) -> CompareSection:
                    dataframe(tab, TABLE_HEADERS) if tab is not None else gr.update(),
                    out.get("explanation", gr.update())]
 
-    make.click(fn=on_make, inputs=[run, epochs, weights, prompt, negative, seed, steps, width, height, sampler],
-               outputs=grid_outputs)
+    make.click(fn=on_make, inputs=[run, epochs, weights, prompt, negative, seed, steps, width, height, sampler,
+                                   control, drift], outputs=grid_outputs)
     stop.click(fn=sec.stop, inputs=[], outputs=[status], queue=False)
 
     def on_send(label, stem, weight):
