@@ -171,6 +171,23 @@ class ForgeSDXLStandIn(ForgeEngineStandIn):
         self.is_sd1, self.is_sdxl = False, True
 
 
+class ForgeSD2StandIn(ForgeEngineStandIn):
+    """Forge's SD 2.x engine: OpenCLIP-H held as a transformers model (`clip_h`) one layer short of the file's (the
+    penultimate-layer cut Forge's loader makes), made from a tiny SD 2.x checkpoint."""
+
+    def __init__(self, sd: dict, info):
+        from lib_lora_train.models.openclip import openclip_to_transformers
+
+        oc = {k[len("cond_stage_model.model."):]: t for k, t in sd.items() if k.startswith("cond_stage_model.model.")}
+        h, _unused = openclip_to_transformers(oc, drop_last_layer=True, with_projection=False, label="ViT-H")
+        flat = {k: t for k, t in sd.items() if k.startswith((UNET, VAE))}
+        flat.update({TE + k: t for k, t in h.items()})
+        super().__init__(flat, info)
+        text = self.forge_objects.clip.cond_stage_model
+        text["clip_h"] = text.pop("clip_l")
+        self.is_sd1, self.is_sd2 = False, True
+
+
 def forge_tensors(engine) -> dict:
     """Every tensor of the Forge model by a flat key (UNet / VAE / text), as it is now."""
     o = engine.forge_objects

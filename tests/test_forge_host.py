@@ -59,7 +59,8 @@ def forge(tmp_path):
 def toy_job(host, jobs, tmp_path, listener=None, **config):
     proj = create_project(host.paths.project_dir("toy"), "toy", trigger="zkz")
     src = make_toy_dataset(tmp_path / "src", n_images=4)
-    shutil.move(str(src / "10_zkz"), os.path.join(proj.train_dir, "1_zkz"))
+    from lib_lora_train.demo.toy import FOLDER
+    shutil.move(str(src / FOLDER), os.path.join(proj.train_dir, "1_zkz"))
     if listener:
         jobs.listeners.append(listener)
     job = jobs.submit("toy", {**FAST, **config})
@@ -218,14 +219,31 @@ def test_forge_sdxl_model_is_rebuilt_under_the_checkpoint_keys(tmp_path):
     assert model.info.family == "sdxl" and model.text_encoder_2 is not None
 
 
-def test_forge_sd2_is_read_from_the_file(tmp_path, forge):
-    w, ns = forge
-    host = ForgeHost(w, memory=ns.memory)
-    engine, _ = ns.sd_models.forge_model_reload()
-    engine.is_sd1, engine.is_sd2 = False, True
-    cfg = config_from_dict({**host.base_config(), **FAST})
-    with host.training_session(cfg) as model:
-        assert model is None          # the engine reads the checkpoint: Forge's OpenCLIP-H lacks the last layer
+def test_forge_sd2_trains_on_forge_model_whose_text_encoder_is_one_layer_short():
+    """SD 2.x in Forge: OpenCLIP-H is held with the file's last layer already cut (as the engine's loader cuts it);
+    the engine's model built from Forge's memory equals the one read from the file, every tensor shared."""
+    from lib_lora_train.hosts.forge_model import engine_model
+    from lib_lora_train.models import load_sd_model, tiny_sd2_state_dict
+    from forge_standins import ForgeSD2StandIn
+
+    sd = tiny_sd2_state_dict(seed=0, v_pred=True)
+    engine = ForgeSD2StandIn(sd, None)
+    engine.forge_objects.unet.model.predictor.prediction_type = "v_prediction"
+    lines = []
+    model = engine_model(engine, lines.append)
+    from_file = load_sd_model(sd, overrides={"prediction_type": "v_prediction"})
+    assert model.info.family == "sd2" and model.info.prediction_type == "v_prediction"
+    for mine, ref in ((model.text_encoder, from_file.text_encoder), (model.unet, from_file.unet),
+                      (model.vae, from_file.vae)):
+        a, b = mine.state_dict(), ref.state_dict()
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    unet_shared, unet_total = model.info.extra["webui_shared_unet_tensors"]
+    te_shared, te_total = model.info.extra["webui_shared_text_encoder_tensors"]
+    assert unet_shared == unet_total
+    # q/k/v come from OpenCLIP's fused tensor, which Forge does not hold (built for the run); the rest is shared
+    qkv = sum(1 for k in model.text_encoder.state_dict() if ".self_attn." in k and "out_proj" not in k)
+    assert qkv > 0 and te_shared == te_total - qkv
+    assert "sd2" in lines[0] and "no copy" in lines[0]
 
 
 def test_an_inference_tensor_is_re_viewed_for_autograd_without_a_copy():

@@ -6,7 +6,7 @@ What differs from A1111 (hosts/webui.py), and what this class does about it:
 - The model loads lazily: selecting a checkpoint only records it; `sd_models.forge_model_reload()` loads it. A run
   calls that entry point first (under the queue lock), so it trains on the checkpoint the user selected.
 - The model is a `ForgeDiffusionEngine` holding patchers, not one torch module: the engine's SDModel is built
-  from `forge_objects` (hosts/forge_model.py). fp8 / nf4 / fp4 / gguf storage is refused with what to change.
+  from `forge_objects` on Forge's own tensors (shared, not copied; hosts/forge_model.py). fp8 / nf4 / fp4 / gguf storage is refused with what to change.
 - LoRAs are weight patches merged by the patchers' LoraLoader when a model is loaded to the device: the memory
   manager is asked to unload everything and the original weights are put back before the run; the next
   generation patches again what its prompt asks for. Nothing of the run stays in Forge's model.
@@ -78,13 +78,9 @@ class ForgeHost(WebUIHost):
         return params.get("checkpoint_info")
 
     def _uses_loaded_model(self, cfg) -> bool:
-        model = self._reload()      # under the queue lock: Forge's own entry point loads the selected checkpoint
+        self._reload()              # under the queue lock: Forge's own entry point loads the selected checkpoint
         wanted = getattr(cfg, "pretrained_model_name_or_path", "") or ""
         info = self._checkpoint_info()
-        if hasattr(model, "forge_objects") and forge_model.forge_family(model)[0] == "sd2":
-            log("Forge holds SD 2.x's text encoder without its last layer: the run reads the checkpoint file "
-                f"{getattr(info, 'filename', '')} instead of Forge's model in memory")
-            return False
         if not wanted:
             return True
         return info is not None and bool(getattr(info, "filename", None)) and _same_file(wanted, info.filename)

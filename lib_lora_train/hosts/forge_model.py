@@ -5,9 +5,10 @@ not a torch module: `forge_objects.unet.model.diffusion_model` (ldm names: input
 output_blocks), `forge_objects.vae.first_stage_model` (ldm names: encoder.down.N.block...), and
 `forge_objects.clip.cond_stage_model` holding transformers CLIP text models by key (`clip_l`; SD 2.x `clip_h`;
 SDXL `clip_l` + `clip_g`, whose projection sits at `transformer.text_projection`). This module turns those into
-the checkpoint's ldm / sgm state dict the engine loads (SD 1.x, SDXL), refuses quantized storage, and clears LoRA
-patches. SD 2.x is not built from memory: Forge keeps OpenCLIP-H as a 23-layer transformers model (the
-penultimate-layer cut), while the checkpoint layout the engine reads has all 24 layers; the host reads the file.
+the checkpoint's ldm / sgm state dict the engine loads (SD 1.x, SD 2.x, SDXL), refuses quantized storage, and clears
+LoRA patches. SD 2.x: Forge keeps OpenCLIP-H as a 23-layer transformers model (it drops the last of the file's 24
+layers, the penultimate-layer cut); the engine's loader makes the same cut when it reads the checkpoint layout
+(as sd-scripts does), so the missing slot is filled with views of Forge's last layer that the loader drops unread.
 
 Forge loads its model inside `torch.inference_mode()`, so its tensors are inference tensors, which autograd cannot
 save for backward. Being an inference tensor is a property of the tensor object, not of its memory: a plain tensor
@@ -98,8 +99,8 @@ def _text_state_dict(text: Any, family: str, transformers_to_openclip: Callable)
 
     if family == "sd1":
         return {"cond_stage_model.transformer." + k: t for k, t in hf("clip_l").items()}
-    if family == "sd2":     # Forge holds OpenCLIP-H without its last layer, which the checkpoint layout needs
-        raise ModelError("Forge's SD 2.x text encoder lacks the checkpoint's last layer; read the file instead")
+    if family == "sd2":
+        return {"cond_stage_model.model." + k: t for k, t in sd2_openclip(hf("clip_h"), transformers_to_openclip).items()}
     out = {"conditioner.embedders.0.transformer." + k: t for k, t in hf("clip_l").items()
            if not k.startswith("text_projection")}
     out.update({"conditioner.embedders.1.model." + k: t
@@ -122,6 +123,21 @@ def plain_alias(t: Any) -> Any:
         except (RuntimeError, TypeError, NotImplementedError):
             return t.clone()
         return alias
+
+
+def sd2_openclip(clip_h: dict, transformers_to_openclip: Callable) -> dict:
+    """SD 2.x's OpenCLIP-H keys from Forge's cut transformers model (n layers, the file had n + 1). The file's last
+    resblock is never used (the loader drops it again: the penultimate-layer output is what SD 2.x conditions on),
+    so its slot holds views of layer n - 1 (no memory) only to give the loader the file's layer count."""
+    from ..models.openclip import openclip_layer_count
+
+    oc = transformers_to_openclip(clip_h)
+    last = openclip_layer_count(oc) - 1
+    if last < 0:
+        raise ModelError("Forge's SD 2.x text encoder has no layers")
+    here, slot = f"transformer.resblocks.{last}.", f"transformer.resblocks.{last + 1}."
+    oc.update({slot + k[len(here):]: t for k, t in list(oc.items()) if k.startswith(here)})
+    return oc
 
 
 def forge_state_dict(sd_model: Any) -> tuple[dict, int]:
