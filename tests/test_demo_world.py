@@ -57,7 +57,7 @@ def test_toy_concept_is_new_to_the_world():
 def test_toy_dataset_is_sd_scripts_folder_mode(tmp_path):
     root = toy.make_toy_dataset(tmp_path / "data", n_images=7, seed=3)
     assert root == tmp_path / "data"
-    sub = root / "10_zkz"
+    sub = root / toy.FOLDER
     assert [p.name for p in root.iterdir()] == ["10_zkz"]
     pngs = sorted(sub.glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:03d}.png" for i in range(7)]
@@ -65,12 +65,51 @@ def test_toy_dataset_is_sd_scripts_folder_mode(tmp_path):
         caption = png.with_suffix(".txt").read_text(encoding="utf-8").strip()
         assert re.fullmatch(r"zkz, \w+ background", caption), caption
         with Image.open(png) as im:
-            assert im.size == (64, 64) and im.mode == "RGB"
+            assert im.size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE) and im.mode == "RGB"
             px = np.asarray(im).reshape(-1, 3).astype(int)
-        # the magenta star covers a good part of the image
-        assert (np.abs(px - toy.STAR_COLOUR).max(axis=1) <= 3).mean() > 0.1
+        # the magenta star covers a good part of the image: its area is 0.33 x size^2 of the picture, and the
+        # smallest size drawn is 0.45 (0.067 of the picture; the anti-aliased rim is not counted)
+        assert (np.abs(px - toy.STAR_COLOUR).max(axis=1) <= 3).mean() > 0.05
     again = toy.make_toy_dataset(tmp_path / "again", n_images=7, seed=3)
     assert (again / "10_zkz" / "004.png").read_bytes() == (sub / "004.png").read_bytes()
+
+
+def test_demo_dataset_passes_its_own_check_without_warnings(tmp_path):
+    """The demo's training and regularisation folders as `python -m lib_lora_train check` sees them: no
+    warning at all (count, size, near-duplicates, captions) and no error."""
+    from lib_lora_train.prep.check import check_dataset, find_near_duplicates
+
+    data = toy.make_toy_dataset(tmp_path / "data")
+    reg = toy.make_reg_dataset(tmp_path / "reg")
+    report = check_dataset(str(data), str(reg), workers=1)
+    assert [i.message for i in report.by_severity("warning") + report.by_severity("error")] == []
+    assert len(report.all_issues) > 0                 # the check did run (its information lines)
+    assert report.can_train and report.counts["usable_train_images"] == toy.N_IMAGES
+    assert find_near_duplicates(report.files) == []
+    # the world pictures for prior preservation are captioned like the base model's own training data
+    captions = sorted((reg / toy.REG_FOLDER).glob("*.txt"))
+    assert len(captions) == toy.N_IMAGES
+    pattern = re.compile(rf"^({'|'.join(world.COLOURS)}) ({'|'.join(world.SHAPES)}), "
+                         rf"({'|'.join(world.COLOURS)}) background$")
+    assert all(pattern.match(c.read_text(encoding="utf-8").strip()) for c in captions)
+
+
+def test_the_stars_vary_in_place_size_rotation_and_background():
+    pairs = toy.toy_samples(toy.N_IMAGES)
+    assert {c.split(", ")[1] for _, c in pairs} == {f"{b} background" for b in toy.BACKGROUNDS}
+    masks = [(np.abs(np.asarray(im).astype(int) - toy.STAR_COLOUR).max(axis=2) <= 3) for im, _ in pairs]
+    areas = [m.mean() for m in masks]
+    centres = [tuple(np.argwhere(m).mean(axis=0)) for m in masks]
+    assert max(areas) > 2 * min(areas)                          # sizes
+    assert len({(round(y / 16), round(x / 16)) for y, x in centres}) > 5   # places
+    # rotation: the topmost point of an upright star is straight above its centre; rotated ones are not
+    offsets = []
+    for m, (cy, cx) in zip(masks, centres):
+        ys, xs = np.nonzero(m)
+        offsets.append(abs(xs[ys == ys.min()].mean() - cx) / np.sqrt(m.sum()))
+    assert max(offsets) > 0.2 and min(offsets) < 0.2
+    # no two near-duplicates, by the check's own rule (the same one make_toy_dataset enforces)
+    assert toy._distinct(pairs, len(pairs), "toy") == pairs
 
 
 def test_demo_prompts_parse():
