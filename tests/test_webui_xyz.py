@@ -226,7 +226,7 @@ def test_interrupt_stops_cleanly_and_busy_or_training_is_refused(tmp_path):
     def on_cell(n):
         if n == 1:
             stop.set()
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 120   # ends as soon as the watcher has seen it
             while not web.shared.state.interrupted and time.monotonic() < deadline:
                 time.sleep(0.02)      # the watcher turns `stop` into the WebUI's Interrupt
     web.standin.on_cell = on_cell
