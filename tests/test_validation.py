@@ -139,3 +139,53 @@ def test_held_out_split_every_n_epochs_and_steps(ckpt, tmp_path):
     assert [(e.data["at"], e.data["step"], e.data["loss"]) for e in seen] == \
         [(v["at"], v["step"], v["loss"]) for v in rec["validation"]]
     assert len({v["loss"] for v in rec["validation"]}) >= 4       # training moves the number
+
+
+def test_deferred_starting_point_is_the_number_measured_before_training_and_leaves_the_weights(ckpt, tmp_path):
+    """The start measurement moved to the first validation (not before the first step) gives the number a
+    measurement before training gives, and puts the trained weights back bit for bit."""
+    from lib_lora_train.training.data_setup import build_training_data, make_latent_source
+    from lib_lora_train.training.evaluate import Validator
+    make_data(tmp_path / "data")
+    cfg = cfg_for(ckpt, tmp_path)
+    seen = []
+    data, _ = build_training_data(cfg, seen.append)
+    model = load_sd_model(ckpt)
+    latents = make_latent_source(cfg, data, model, torch.device("cpu"), seen.append)
+    net = create_network(network_config_from_args("networks.lora", 4, 4, []), model.unet, model.text_encoder)
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05, generator=g)             # a starting point that is not the base model
+    validator = Validator(cfg, data, model, latents, seen.append)
+    before = validator.measure(net)
+    validator.defer_start(net)
+    with torch.no_grad():                               # "training" moves the weights
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    trained = [p.detach().clone() for p in net.parameters()]
+    after = validator.measure(net)
+    seen.clear()
+    assert validator.run(net, at="epoch", epoch=1, step=3) == after
+    got = [(e.data["at"], e.data["step"], e.data["loss"]) for e in seen if e.kind == VALIDATION]
+    assert got == [("start", 0, before), ("epoch", 3, after)]
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), trained))
+    validator.flush_start(net)                          # measured once only
+    assert [e for e in seen if e.kind == VALIDATION][2:] == []
+    net.remove()
+
+
+def test_stopped_before_the_first_validation_still_records_the_starting_point(ckpt, tmp_path):
+    import threading
+    make_data(tmp_path / "data", n=4)
+    stop = threading.Event()
+
+    def sink(e):
+        if e.kind == "step" and e.data["step"] == 1:
+            stop.set()
+    from lib_lora_train.errors import Interrupted
+    with pytest.raises(Interrupted):
+        train(cfg_for(ckpt, tmp_path, max_train_epochs=1), sink=sink, stop=stop)
+    rec = read_run_record(str(tmp_path / "out" / "v.run.json"))
+    assert [(v["at"], v["step"]) for v in rec["validation"]] == [("start", 0)]

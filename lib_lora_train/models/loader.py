@@ -9,6 +9,7 @@ them too.
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import ModelError
 from .bundle import ModelInfo, SDModel, base_model_version
-from .ckpt import file_hashes, legacy_hash, read_checkpoint
+from .ckpt import FileHashes, file_hashes, legacy_hash, read_checkpoint
 from .convert import (SD2_TE_PREFIX, SDXL_TE2_PREFIX, require_complete, split_ldm, te_for_model,
                       unet_ldm_to_diffusers, vae_ldm_to_diffusers)
 from .detect import detect_family, marked_v_prediction
@@ -128,6 +129,39 @@ def sd2_v_prediction_probe(unet) -> bool:
     with torch.no_grad():
         out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
     return float((out.float() - x.float()).mean()) < -1.0
+
+
+class BackgroundHashes:
+    """The full-file sha256 of a file-backed model read in a background thread (it reads the whole checkpoint:
+    seconds for SD 1.5, tens of seconds for SDXL), so work that needs it only for metadata does not wait for it.
+    `wait()` joins the thread and fills info.sha256 / legacy_hash in the caller's thread (nothing else writes
+    them); it returns True on the call that filled them. A read error is raised by wait(), as ensure_hashes
+    raises it."""
+
+    def __init__(self, info: ModelInfo):
+        self.info = info
+        self._result: FileHashes | BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if info.path and (info.sha256 is None or info.legacy_hash is None):
+            self._thread = threading.Thread(target=self._read, args=(info.path,), name="lora-train-model-hash",
+                                            daemon=True)
+            self._thread.start()
+
+    def _read(self, path: str) -> None:
+        try:
+            self._result = file_hashes(path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self._result = exc
+
+    def wait(self) -> bool:
+        if self._thread is None:
+            return False
+        self._thread.join()
+        self._thread = None
+        if isinstance(self._result, BaseException):
+            raise self._result
+        self.info.sha256, self.info.legacy_hash = self._result.sha256, self._result.legacy
+        return True
 
 
 def ensure_hashes(info: ModelInfo) -> ModelInfo:

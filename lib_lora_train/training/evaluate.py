@@ -213,6 +213,7 @@ class Validator:
         self.items: list[EvalItem] = []
         self.source = None
         self._last: tuple[int, float] | None = None
+        self._start: list[torch.Tensor] | None = None   # the network's weights at step 0, until measured
         batches = data.validation_batches()
         if batches:
             self.source = "held_out"
@@ -265,14 +266,49 @@ class Validator:
                                   batch_size=max(1, self.cfg.train_batch_size), autocast=self.autocast,
                                   scheduler=self.scheduler)
 
+    def defer_start(self, network) -> None:
+        """The curve's starting point (step 0) without delaying the first step: a copy of the trained weights now
+        (the network's size, not the model's), measured before the next measurement (or at `flush_start`) with
+        those weights put back for the time of it. The same weights, images, noise and timesteps give the same
+        number as measuring now; the training's weights and random streams are left exactly as they were."""
+        self._start = [p.detach().clone() for p in _trained(network)]
+
+    def flush_start(self, network) -> None:
+        """Measure a deferred starting point now (a run stopped before its first measurement)."""
+        if self._start is None:
+            return
+        params, start = _trained(network), self._start
+        self._start = None
+        if len(params) != len(start):
+            raise RuntimeError("the network's trained parameters changed since the starting point was kept")
+        now = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+            try:
+                loss = self.measure(network)
+            finally:
+                for p, n in zip(params, now):
+                    p.copy_(n)
+        self._report(loss, at="start", epoch=0, step=0)
+
     def run(self, network, *, at: str, epoch: int, step: int) -> float:
-        from ..events import VALIDATION, Event
+        self.flush_start(network)
         if self._last is not None and self._last[0] == step:
             loss = self._last[1]            # same step, same weights (a step and an epoch end together)
         else:
             loss = self.measure(network)
+        self._report(loss, at=at, epoch=epoch, step=step)
+        return loss
+
+    def _report(self, loss: float, *, at: str, epoch: int, step: int) -> None:
+        from ..events import VALIDATION, Event
         self._last = (step, loss)
         self.emit(Event(VALIDATION, {"epoch": epoch, "step": step, "loss": loss, "at": at,
                                      "source": self.source, "images": len(self.items),
                                      "timesteps": list(self.timesteps), "seed": self.seed}))
-        return loss
+
+
+def _trained(network) -> list[torch.Tensor]:
+    """The parameters training changes (the frozen base model's weights are never among them)."""
+    return [p for p in network.parameters() if p.requires_grad]

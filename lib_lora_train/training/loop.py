@@ -199,6 +199,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         global_step, first_epoch = 0, 0
         if cfg.resume:
             state = load_train_state(cfg.resume)
+            prep.hashes.wait()                                 # the identity check compares the model's sha256
             check_state_identity(state, cfg, info, net_cfg)    # guards.py: not another run's or model's state
             restore_into(state, network, optimizer, lr_scheduler)
             global_step, first_epoch = state.global_step, state.epoch
@@ -216,15 +217,24 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         if dctx.enabled:
             record.set(distributed={**dctx.describe(), "global_batch_size": cfg.train_batch_size * dctx.world_size
                                     * cfg.gradient_accumulation_steps})
-        record.set(model={"name": info.name, "family": info.family, "prediction_type": info.prediction_type,
-                          "sha256": info.sha256, "legacy_hash": info.legacy_hash},
-                   dataset=_record_dataset(summary, data),
+        model_record = {"name": info.name, "family": info.family, "prediction_type": info.prediction_type,
+                        "sha256": info.sha256, "legacy_hash": info.legacy_hash}
+        record.set(model=model_record, dataset=_record_dataset(summary, data),
                    network={**dataclasses.asdict(net_cfg), "variant": net_cfg.variant},
                    optimizer=optimizer_description)
+
+        def model_hashes() -> None:
+            """The checkpoint's full-file sha256 (metadata and record only) is read in a background thread since
+            the model was loaded (model_setup.py), so it never delays the first step; a save waits for it."""
+            if prep.hashes.wait():
+                run_meta.update(md.model_hash_keys(info))
+                model_record.update(sha256=info.sha256, legacy_hash=info.legacy_hash)
+                record.set(model=model_record)
 
         def save_lora(path: str, epoch: int, kind: str) -> None:
             if not dctx.is_main:
                 return
+            model_hashes()
             tensors = network.save_tensors(_save_dtype(cfg))
             meta = md.for_save(run_meta, cfg, model_info=info, step=global_step, epoch=epoch)
             hashes = save_network_file(path, tensors, meta, overwrite=True)
@@ -235,6 +245,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             path = os.path.join(cfg.output_dir, name)
             if not dctx.is_main:
                 return path
+            model_hashes()                   # state_identity holds the model's sha256
             save_train_state(path, network_tensors=network.save_tensors(), optimizer=optimizer,
                              scheduler=lr_scheduler, epoch=epoch, global_step=global_step,
                              extra={"output_name": cfg.output_name, "total_steps": plan.total_steps,
@@ -251,6 +262,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             if not os.path.exists(path):
                 if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
                     return None
+                model_hashes()
                 meta = md.for_save(run_meta, cfg, model_info=info, step=step_at, epoch=ep)
                 hashes = save_network_file(path, tensors, meta, overwrite=False)
                 result.outputs.append(path)
@@ -258,6 +270,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
             return path
 
         def write_preview_lora(path: str, epoch: int, step: int) -> None:
+            model_hashes()
             meta = md.for_save(run_meta, cfg, model_info=info, step=step, epoch=epoch)
             save_network_file(path, network.save_tensors(_save_dtype(cfg)), meta, overwrite=True)
 
@@ -274,7 +287,7 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
         if cfg.sample_at_first and global_step == 0:
             sampler.make(0, 0)
         if validator.enabled and global_step == 0:
-            validator.run(network, at="start", epoch=0, step=0)   # the curve's starting point
+            validator.defer_start(network)   # the curve's starting point: measured at the first validation
 
         # ---------------------------------------------------------------- the loop
         network.train()
@@ -408,6 +421,8 @@ def train(cfg: TrainConfig, *, model=None, sink: EventSink | None = None,
 
         if interrupted:
             # A stop request: a resumable state, and the file of the last completed epoch.
+            if validator.enabled:
+                validator.flush_start(network)   # stopped before the first validation: the starting point
             state_path = save_state(f"{cfg.output_name}-state", completed_epochs)
             if last_epoch_tensors is not None and dctx.is_main:
                 ep, step_at, tensors = last_epoch_tensors

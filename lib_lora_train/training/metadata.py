@@ -180,11 +180,19 @@ def training_metadata(cfg: TrainConfig, *, model_info: Any, data_summary: dict[s
             args["dropout"] = cfg.network_dropout
         meta["ss_network_args"] = json.dumps(args)
     meta["ss_sd_model_name"] = model_info.name
-    if model_info.legacy_hash:
-        meta["ss_sd_model_hash"] = model_info.legacy_hash
-    if model_info.sha256:
-        meta["ss_new_sd_model_hash"] = model_info.sha256
+    meta.update(model_hash_keys(model_info))
     return {k: str(v) for k, v in meta.items()}
+
+
+def model_hash_keys(model_info: Any) -> dict[str, str]:
+    """ss_sd_model_hash / ss_new_sd_model_hash: the checkpoint's hashes that are known (the full-file sha256 is
+    read in the background; the loop adds it to the run's metadata before the first save)."""
+    meta = {}
+    if model_info.legacy_hash:
+        meta["ss_sd_model_hash"] = str(model_info.legacy_hash)
+    if model_info.sha256:
+        meta["ss_new_sd_model_hash"] = str(model_info.sha256)
+    return meta
 
 
 def modelspec(cfg: TrainConfig, *, model_info: Any, timestamp: float) -> dict[str, str]:

@@ -18,17 +18,19 @@ from .noise import with_zero_terminal_snr
 @dataclass
 class PreparedModel:
     model: Any                  # SDModel
-    info: Any                   # its ModelInfo, hashes filled, prediction type as trained
+    info: Any                   # its ModelInfo, prediction type as trained (sha256 after hashes.wait())
     scheduler: Any              # the training noise schedule (zero_terminal_snr: a rescaled copy)
     clip_skip: int | None       # as the family applies it
     unet_dtype: torch.dtype     # the compute dtype (fp8_base later changes only how weights are stored)
     text_encoders: list
+    hashes: Any = None          # models.loader.BackgroundHashes: wait() before info.sha256 is needed
 
 
 def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: torch.dtype, emit,
                   restore: list) -> PreparedModel:
     """`restore` receives the undo actions for everything changed on a host's model."""
-    from ..models import ensure_hashes, load_sd_model
+    from ..models import load_sd_model
+    from ..models.loader import BackgroundHashes
     from ..models.bundle import base_model_version
     from ..models.conditioning import effective_clip_skip, family_traits
     if model is None:
@@ -47,7 +49,8 @@ def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: t
     if (cfg.no_half_vae or family_traits(model).vae_fp32) and vae.dtype != torch.float32:
         restore.append(lambda v=vae, d=vae.dtype: v.to(d))
         vae.to(torch.float32)      # SDXL's VAE overflows to NaN in fp16 (sd-scripts: no_half_vae)
-    info = ensure_hashes(model.info)   # ss_sd_model_hash / ss_new_sd_model_hash, as sd-scripts writes
+    info = model.info
+    hashes = BackgroundHashes(info)    # ss_new_sd_model_hash (full-file sha256): read beside the start-up
     if cfg.v_parameterization and info.prediction_type != "v_prediction":
         info.prediction_type = "v_prediction"
         info.base_model_version = base_model_version(info.family, v_pred=True)
@@ -62,7 +65,7 @@ def prepare_model(cfg: TrainConfig, model, device: torch.device, weight_dtype: t
         emit(Event(WARNING, {"message": clip_warning}))
     restore.append(use_sdpa(model.unet))
     encoders = list(getattr(model, "text_encoders", None) or [model.text_encoder])
-    return PreparedModel(model, info, scheduler, clip_skip, model.unet.dtype, encoders)
+    return PreparedModel(model, info, scheduler, clip_skip, model.unet.dtype, encoders, hashes)
 
 
 def check_family(cfg: TrainConfig, family: str) -> None:
