@@ -215,16 +215,26 @@ def engine_source(model: Any, device: Any = "cpu", *, clip_skip: int | None = No
     yield model_id, "engine", engine_renderer(model, device, clip_skip=clip_skip)
 
 
+def _device(name: str):
+    """auto: CUDA, else MPS, else the CPU (as a run's `device`; not imported from training/, which imports us)."""
+    import torch
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
 @contextlib.contextmanager
 def checkpoint_source(path: str, device: Any = "auto") -> Iterator[tuple]:
     """The engine's sampler on a checkpoint file loaded for the purpose (half precision on a GPU)."""
     import torch
 
     from ..models import load_sd_model
-    from ..training.loop import resolve_device
     if not path or not os.path.isfile(path):
         raise ConfigError(f"model: checkpoint file not found: {path!r}")
-    dev = resolve_device(str(device))
+    dev = _device(str(device))
     model = load_sd_model(path, device=dev, dtype=torch.float16 if dev.type == "cuda" else None)
     try:
         yield engine_model_id(model), "engine", engine_renderer(model, dev)
