@@ -117,7 +117,7 @@ def test_openapi_documents_the_routes(template, tmp_path):
         f"{V1}/runs/{{run_id}}/resume", f"{V1}/runs/{{run_id}}/outputs", f"{V1}/runs/{{run_id}}/files",
         f"{project}/images", f"{project}/import",
         f"{project}/check", f"{project}/preprocess", f"{project}/autotag", f"{project}/captions",
-        f"{project}/caption", f"{project}/tags"}
+        f"{project}/caption", f"{project}/tags", f"{project}/reg-images"}
     for path, ops in paths.items():
         for op in ops.values():
             assert op.get("summary") and op.get("description"), (path, "documented on /docs")
