@@ -262,3 +262,30 @@ def test_an_inference_tensor_is_re_viewed_for_autograd_without_a_copy():
     assert torch.equal(x.grad, lin.weight.detach().sum(0).expand(4, 3))   # d/dx sum(x W^T) = column sums of W
     plain = torch.ones(2)
     assert plain_alias(plain) is not None and plain_alias(plain).data_ptr() == plain.data_ptr()
+
+
+def test_reforge_cpu_text_encoder_dtypes_explain_the_unshared_tensors(tmp_path):
+    """reForge on a CPU: its memory manager puts CLIP in fp16 (text_encoder_dtype) while ldm_patched's sd1_clip
+    keeps the token and position embeddings in fp32. The engine's text encoder has one dtype (the one holding most
+    elements), so exactly the tensors of the other dtype are cast for the run and every other one stays shared. In
+    the full-size CLIP-L the fp16 layers hold most elements: the two fp32 embeddings are cast (the 194/196 seen in
+    the real reForge); in this tiny CLIP the 49408-token embedding is the bigger part, so the layers are."""
+    from lib_lora_train.hosts.webui_model import engine_model
+    from forge_standins import make_reforge
+
+    _w, ns = make_reforge(tmp_path)
+    sd_model = ns.shared.sd_model
+    te = sd_model.cond_stage_model
+    te.half()
+    embeddings = [m for n, m in te.named_modules() if n.endswith("text_model.embeddings")]
+    assert len(embeddings) == 1
+    embeddings[0].float()
+    live = {k: t for k, t in te.state_dict().items() if not k.endswith("position_ids")}
+    elements = {dt: sum(t.numel() for t in live.values() if t.dtype == dt) for dt in (torch.float16, torch.float32)}
+    dominant = max(elements, key=elements.get)
+    model = engine_model(sd_model, lambda line: None)
+    assert model.text_encoder.dtype == dominant
+    unet_shared, unet_total = model.info.extra["webui_shared_unet_tensors"]
+    te_shared, te_total = model.info.extra["webui_shared_text_encoder_tensors"]
+    other = sum(1 for t in live.values() if t.dtype != dominant)
+    assert unet_shared == unet_total and 0 < other < te_total and te_total - te_shared == other
