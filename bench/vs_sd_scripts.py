@@ -13,7 +13,8 @@ bench/interop_check.py). Offline, sd-scripts needs its CLIP tokenizers in a loca
 as its --tokenizer_cache_dir; LORA_TRAIN_SD_SCRIPTS_TOKENIZERS). The engine is `python -m lib_lora_train train`
 with this project's Python (--engine-python, default: the one running this script).
 
-Each run is a fresh process (`nice`, one torch thread via OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless --threads):
+Each run is a fresh process, with this script's niceness (start it with `nice` on a shared machine) and one torch
+thread (OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless --threads):
 - per step, wall and CPU: a run of --short and one of --long steps (12 and 24); (long - short) / (long - short
   steps) cancels start-up and the end (saving) exactly. CPU is the process's own user + system time from wait4(),
   which on a shared, loaded machine is the fairer number; wall counts the time other processes held the cores.
@@ -106,34 +107,53 @@ def sd_scripts_cmd(a, data: str, out: str, steps: int) -> list[str]:
     return cmd
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a running process (Linux /proc), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_one(cmd: list[str], cwd: str, steps: int, threads: int, log: str) -> dict:
-    """Launch, watch stderr for the progress bar's step 1, wait4() for CPU time and peak RSS."""
+    """Launch; watch stderr for the progress bar (tqdm, both programs) and note wall and process CPU time at each
+    step it shows; wait4() for the total CPU time and peak RSS."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    first = re.compile(rb"\|\s*1/%d \[" % steps)
+    bar = re.compile(rb"\|\s*(\d+)/%d \[" % steps)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["nice", "-n", "5"] + cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    t_first, tail = None, b""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: dict[int, tuple[float, float | None]] = {}    # step -> (wall, process CPU) when the bar showed it
+    tail = b""
     with open(log, "wb") as fh:
         while True:
             chunk = os.read(proc.stderr.fileno(), 4096)
             if not chunk:
                 break
             fh.write(chunk)
+            now = time.perf_counter() - t0
             tail = (tail + chunk)[-8192:]
-            if t_first is None and first.search(tail):
-                t_first = time.perf_counter() - t0
+            for m in bar.finditer(tail[-len(chunk) - 64:]):
+                k = int(m.group(1))
+                if k >= 1 and k not in seen:
+                    seen[k] = (now, _cpu_seconds(proc.pid))
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {proc.returncode}); log: {log}\n"
                          + tail.decode(errors="replace")[-3000:])
-    # nice is the direct child and execs the program: wait4's usage is the program's (and its reaped children's)
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_gib": ru.ru_maxrss / 2 ** 20, "first": t_first}
+    # wait4's usage is the program's own (and that of any children it reaped)
+    first = seen.get(1, (None, None))
+    bar_steps = sorted(k for k in seen if k >= 2 and k - 1 in seen)
+    per_bar = [seen[k][1] - seen[k - 1][1] for k in bar_steps if seen[k][1] is not None and seen[k - 1][1] is not None]
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_gib": ru.ru_maxrss / 2 ** 20, "first": first[0],
+            "first_cpu": first[1], "bar_cpu": statistics.median(per_bar) if per_bar else None,
+            "bar_wall": statistics.median([seen[k][0] - seen[k - 1][0] for k in bar_steps]) if bar_steps else None}
 
 
 def main(argv=None) -> int:
@@ -158,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--unet-only", action="store_true")
     ap.add_argument("--only", choices=["engine", "sd-scripts"], help="run one side only")
+    ap.add_argument("--together", action="store_true",
+                    help="run the two sides at the same time (judge by CPU time then, not wall)")
     ap.add_argument("--work", help="folder for data, outputs and logs (default: a temporary one)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results_vs_sd_scripts.md"))
     ap.add_argument("--label", default="", help="a line for the results file (machine, load, ...)")
@@ -171,41 +193,62 @@ def main(argv=None) -> int:
     work = a.work or tempfile.mkdtemp(prefix="vs_sd_scripts_")
     data = a.data or make_data(os.path.join(work, "data"), a.images, a.resolution)
     runs: list[dict] = []
+
+    def one(rnd: int, side: str, steps: int) -> None:
+        out = os.path.join(work, f"r{rnd}_{side}_{steps}")
+        cmd = (engine_cmd if side == "engine" else sd_scripts_cmd)(a, data, out, steps)
+        cwd = ROOT if side == "engine" else a.sd_scripts
+        os.makedirs(out, exist_ok=True)
+        load = os.getloadavg()[0]
+        r = run_one(cmd, cwd, steps, a.threads, os.path.join(out, "stderr.log"))
+        r.update(side=side, steps=steps, round=rnd, load=load)
+        runs.append(r)
+        nan = float("nan")
+        print(f"round {rnd + 1} {side:10s} {steps:3d} steps: wall {r['wall']:7.1f} s  cpu {r['cpu']:7.1f} s"
+              f"  step 1 done at {r['first'] or nan:6.1f} s / {r['first_cpu'] or nan:6.1f} s CPU"
+              f"  per step (bar) {r['bar_cpu'] or nan:.3f} s CPU  peak RSS {r['rss_gib']:.2f} GiB"
+              f"  (load {load:.1f})", flush=True)
+        with open(os.path.join(work, "runs.json"), "w", encoding="utf-8") as fh:
+            json.dump(runs, fh, indent=1)
+
+    step_counts = (a.short, a.long) if a.long != a.short else (a.long,)
     for rnd in range(a.rounds):
         order = sides if rnd % 2 == 0 else sides[::-1]
-        for steps in (a.short, a.long):
-            for side in order:
-                out = os.path.join(work, f"r{rnd}_{side}_{steps}")
-                cmd = (engine_cmd if side == "engine" else sd_scripts_cmd)(a, data, out, steps)
-                cwd = ROOT if side == "engine" else a.sd_scripts
-                os.makedirs(out, exist_ok=True)
-                load = os.getloadavg()[0]
-                r = run_one(cmd, cwd, steps, a.threads, os.path.join(out, "stderr.log"))
-                r.update(side=side, steps=steps, round=rnd, load=load)
-                runs.append(r)
-                print(f"round {rnd + 1} {side:10s} {steps:3d} steps: wall {r['wall']:7.1f} s  cpu {r['cpu']:7.1f} s"
-                      f"  first step at {r['first'] or float('nan'):6.1f} s  peak RSS {r['rss_gib']:.2f} GiB"
-                      f"  (load {load:.1f})", flush=True)
-    with open(os.path.join(work, "runs.json"), "w", encoding="utf-8") as fh:
-        json.dump(runs, fh, indent=1)
+        for steps in step_counts:
+            if a.together:      # both sides at once: for a machine so loaded that turns would not finish
+                import threading
+                jobs = [threading.Thread(target=one, args=(rnd, side, steps)) for side in order]
+                for j in jobs:
+                    j.start()
+                for j in jobs:
+                    j.join()
+            else:
+                for side in order:
+                    one(rnd, side, steps)
     write_results(a, runs, sides)
     return 0
 
 
 def summarise(a, runs: list[dict], side: str) -> dict:
-    per_wall, per_cpu, first, rss, startup = [], [], [], [], []
-    for rnd in sorted({r["round"] for r in runs}):
-        s = next(r for r in runs if r["side"] == side and r["round"] == rnd and r["steps"] == a.short)
-        l = next(r for r in runs if r["side"] == side and r["round"] == rnd and r["steps"] == a.long)
-        n = a.long - a.short
-        per_wall.append((l["wall"] - s["wall"]) / n)
-        per_cpu.append((l["cpu"] - s["cpu"]) / n)
-        startup.append(s["wall"] - a.short * per_wall[-1])
-        first += [x["first"] for x in (s, l) if x["first"] is not None]
-        rss.append(l["rss_gib"])
     med = statistics.median
-    return {"wall": med(per_wall), "cpu": med(per_cpu), "first": med(first) if first else float("nan"),
-            "fixed": med(startup), "rss": max(rss), "per_wall": per_wall, "per_cpu": per_cpu}
+    nan = float("nan")
+    mine = [r for r in runs if r["side"] == side]
+    per_wall, per_cpu, fixed = [], [], []
+    for rnd in sorted({r["round"] for r in mine}):
+        s = [r for r in mine if r["round"] == rnd and r["steps"] == a.short]
+        l = [r for r in mine if r["round"] == rnd and r["steps"] == a.long]
+        if s and l and a.long != a.short:
+            n = a.long - a.short
+            per_wall.append((l[0]["wall"] - s[0]["wall"]) / n)
+            per_cpu.append((l[0]["cpu"] - s[0]["cpu"]) / n)
+            fixed.append(s[0]["wall"] - a.short * per_wall[-1])
+
+    def m(key):
+        vals = [r[key] for r in mine if r.get(key) is not None]
+        return med(vals) if vals else nan
+    return {"wall": med(per_wall) if per_wall else nan, "cpu": med(per_cpu) if per_cpu else nan,
+            "fixed": med(fixed) if fixed else nan, "first": m("first"), "first_cpu": m("first_cpu"),
+            "bar_cpu": m("bar_cpu"), "bar_wall": m("bar_wall"), "rss": max(r["rss_gib"] for r in mine)}
 
 
 def write_results(a, runs: list[dict], sides: list[str]) -> None:
@@ -213,27 +256,35 @@ def write_results(a, runs: list[dict], sides: list[str]) -> None:
     what = (f"{a.family.upper()} `{os.path.basename(a.ckpt)}`, {a.resolution} px, batch 1, LoRA dim {a.dim} "
             f"alpha 1 ({'U-Net only' if a.unet_only else 'U-Net + text encoder'}), AdamW, {a.precision}"
             f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, cached latents, {a.device}, "
-            f"{a.threads or 'default'} torch thread(s), {a.rounds} round(s) of {a.short}- and {a.long}-step runs")
+            f"{a.threads or 'default'} torch thread(s), {a.rounds} round(s) of "
+            + (f"{a.short}- and {a.long}-step runs" if a.short != a.long else f"{a.long}-step runs")
+            + f", {a.data or f'{a.images} random images'}")
     lines = [f"### {what}", ""]
     if a.label:
         lines += [a.label, ""]
-    head = "| | per step, wall (s) | per step, CPU (s) | launch → step 1 done (s) | fixed cost (s) | peak RSS (GiB) |"
-    lines += [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    cols = [("per step, wall (s)", "wall", 3), ("per step, CPU (s)", "cpu", 3),
+            ("per step from the bar, CPU (s)", "bar_cpu", 3), ("launch → step 1 done, wall (s)", "first", 1),
+            ("launch → step 1 done, CPU (s)", "first_cpu", 1), ("fixed cost, wall (s)", "fixed", 1),
+            ("peak RSS (GiB)", "rss", 2)]
+    lines += ["| | " + " | ".join(c[0] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for s in sides:
-        r = res[s]
-        lines.append(f"| {'ours' if s == 'engine' else 'sd-scripts'} | {r['wall']:.3f} | {r['cpu']:.3f} | "
-                     f"{r['first']:.1f} | {r['fixed']:.1f} | {r['rss']:.2f} |")
+        lines.append(f"| {'ours' if s == 'engine' else 'sd-scripts'} | "
+                     + " | ".join(f"{res[s][k]:.{d}f}" for _, k, d in cols) + " |")
     if len(sides) == 2:
         e, k = res["engine"], res["sd-scripts"]
-        lines.append(f"| ours / sd-scripts | {e['wall'] / k['wall']:.2f}× | {e['cpu'] / k['cpu']:.2f}× | "
-                     f"{e['first'] / k['first']:.2f}× | {e['fixed'] / k['fixed']:.2f}× | {e['rss'] / k['rss']:.2f}× |")
-    lines += ["", "Fixed cost: the short run's wall time minus its steps at the per-step rate (start-up + final save "
-              "+ exit).", "", "| round | side | steps | wall (s) | CPU (s) | step 1 done at (s) | peak RSS (GiB) | load |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append("| ours / sd-scripts | " + " | ".join(f"{e[c] / k[c]:.2f}×" for _, c, _ in cols) + " |")
+    lines += ["", "Per step: (long run − short run) / (difference in steps), so start-up and the end cancel; per "
+              "step from the bar: median CPU time between two consecutive steps shown by the program's own progress "
+              "bar. Step 1 done: when the progress bar first shows step 1 (wall since launch, and the process's CPU "
+              "time then). Fixed cost: the short run's wall time minus its steps at the per-step rate (start-up + "
+              "final save + exit)." + (" The two sides ran at the same time (`--together`)." if a.together else ""),
+              "", "| round | side | steps | wall (s) | CPU (s) | step 1 done at (s) | its CPU (s) | per step (bar), CPU (s) "
+              "| peak RSS (GiB) | load |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    nan = float("nan")
     for r in runs:
         lines.append(f"| {r['round'] + 1} | {r['side']} | {r['steps']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
-                     f"{r['first'] if r['first'] is not None else float('nan'):.1f} | {r['rss_gib']:.2f} | "
-                     f"{r['load']:.1f} |")
+                     f"{r['first'] or nan:.1f} | {r['first_cpu'] or nan:.1f} | {r['bar_cpu'] or nan:.3f} | "
+                     f"{r['rss_gib']:.2f} | {r['load']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(a.out, "a", encoding="utf-8") as fh:
