@@ -24,14 +24,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def proc_status() -> dict:
+def proc_status(pid="self") -> dict:
+    """Resident memory (MiB), threads and open file descriptors of a process, from /proc/<pid>."""
     out = {}
-    with open("/proc/self/status", encoding="ascii") as fh:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
         for line in fh:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "Threads"):
                 out[key] = int(value.split()[0])
-    return {"rss_mib": out["VmRSS"] / 1024, "threads": out["Threads"], "fds": len(os.listdir("/proc/self/fd"))}
+    return {"rss_mib": out["VmRSS"] / 1024, "threads": out["Threads"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def slope(ys: list[float]) -> float:
@@ -40,6 +41,37 @@ def slope(ys: list[float]) -> float:
         return 0.0
     mx, my = (n - 1) / 2, sum(ys) / n
     return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
+
+
+def report(title: str, about: str, rows: list[dict], warmup: int) -> tuple[str, dict]:
+    """The markdown table of `rows` (run, rss_mib, fds, threads) and the slopes over the runs after `warmup`."""
+    kept = rows[warmup:] if len(rows) > warmup + 1 else rows
+    slopes = {k: slope([r[k] for r in kept]) for k in ("rss_mib", "fds", "threads")}
+    lines = [title, "", about, "", "| after run | RSS MiB | open fds | threads |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['run']} | {r['rss_mib']:.1f} | {r['fds']} | {r['threads']} |" for r in rows]
+    lines += ["", f"Slope over runs {kept[0]['run']}-{kept[-1]['run']} (least squares, per run): "
+              f"RSS {slopes['rss_mib'] * 1024:+.1f} KiB, open fds {slopes['fds']:+.3f}, threads "
+              f"{slopes['threads']:+.3f}. Target: flat within noise (RSS well under 1 MiB per run, 0 fds, 0 threads)."]
+    return "\n".join(lines) + "\n", slopes
+
+
+def write_section(path: str, key: str, text: str) -> None:
+    """Put `text` into the markdown file `path` between `<!-- soak:key -->` markers, keeping the other sections
+    (bench/soak.py and bench/soak_webui.py share bench/results_soak.md)."""
+    begin, end = f"<!-- soak:{key} -->", f"<!-- /soak:{key} -->"
+    old = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = fh.read()
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):].lstrip("\n")
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(new)
+    os.replace(tmp, path)
 
 
 def png(color) -> bytes:
@@ -98,21 +130,12 @@ def main(argv=None) -> int:
         print(f"run {i + 1:3d}: rss {rows[-1]['rss_mib']:.1f} MiB, fds {rows[-1]['fds']}, "
               f"threads {rows[-1]['threads']}", flush=True)
 
-    kept = rows[args.warmup:] if len(rows) > args.warmup + 1 else rows
-    slopes = {k: slope([r[k] for r in kept]) for k in ("rss_mib", "fds", "threads")}
-    lines = [f"# Soak: {args.runs} runs back to back through the HTTP API, one process (standalone host)", "",
-             f"tiny embedded model, 4 images at 64 px, 1 epoch (2 steps) per run; torch {torch.__version__}, "
-             f"Python {sys.version.split()[0]}; {time.time() - t0:.0f} s in all.", "",
-             "| after run | RSS MiB | open fds | threads |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['run']} | {r['rss_mib']:.1f} | {r['fds']} | {r['threads']} |" for r in rows]
-    lines += ["", f"Slope over runs {kept[0]['run']}-{kept[-1]['run']} (least squares, per run): "
-              f"RSS {slopes['rss_mib'] * 1024:+.1f} KiB, open fds {slopes['fds']:+.3f}, threads "
-              f"{slopes['threads']:+.3f}. Target: flat within noise (RSS well under 1 MiB per run, 0 fds, 0 threads)."]
-    text = "\n".join(lines) + "\n"
+    text, _ = report(f"# Soak: {args.runs} runs back to back through the HTTP API, one process (standalone host)",
+                     f"tiny embedded model, 4 images at 64 px, 1 epoch (2 steps) per run; torch {torch.__version__}, "
+                     f"Python {sys.version.split()[0]}; {time.time() - t0:.0f} s in all.", rows, args.warmup)
     print(text)
     if args.out != "-":
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_section(args.out, "standalone", text)
     shutil.rmtree(data, ignore_errors=True)
     return 0
 
