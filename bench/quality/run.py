@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def write_reg(root: Path, n: int = 48) -> Path:
     return root
 
 
-def train_setting(setting: Setting, concept, work: Path) -> tuple[str, dict]:
+def train_setting(setting: Setting, concept, work: Path, reuse: bool = False) -> tuple[str, dict]:
     from lib_lora_train.config import config_from_dict
     from lib_lora_train.training.loop import train
     data = write_dataset(work / "data", concept, setting.folder_repeats())
@@ -79,13 +80,18 @@ def train_setting(setting: Setting, concept, work: Path) -> tuple[str, dict]:
     if setting.reg:
         values["reg_data_dir"] = str(write_reg(work / "reg"))
     cfg = config_from_dict(values)
+    lora = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
+    info_path = work / "train_info.json"
+    if reuse and lora.exists() and info_path.exists():     # evaluate an earlier run's LoRA again (other seeds)
+        return str(lora), json.loads(info_path.read_text()) | {"_cfg": cfg}
     t0 = time.process_time()
     w0 = time.time()
     result = train(cfg)
     info = {"steps": result.steps, "cpu_minutes": round((time.process_time() - t0) / 60, 2),
             "wall_minutes": round((time.time() - w0) / 60, 2),
             "config": {k: v for k, v in cfg.to_dict().items() if k in _SHOWN}}
-    return str(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"), info | {"_cfg": cfg}
+    info_path.write_text(json.dumps(info, default=str))
+    return str(lora), info | {"_cfg": cfg}
 
 
 _SHOWN = ("network_module", "network_dim", "network_alpha", "network_args", "optimizer_type", "optimizer_args",
@@ -121,11 +127,26 @@ def score(concept, readings: dict[str, list], base: dict[str, list] | None) -> d
     return res
 
 
-def evaluate(setting: Setting, concept, seeds: list[int], work: Path, base_model, base_readings) -> dict:
+def base_readings(base_model, concept, seeds: list[int], cache: Path) -> dict[str, list]:
+    """The base model's readings on the benchmark's prompts and seeds, cached (several runs in parallel share it)."""
+    path = cache / f"base_{concept.name}_{seeds[0]}_{len(seeds)}_{BASE.stat().st_size}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    readings = draw_all(base_model, concept, seeds, None)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(readings))
+    os.replace(tmp, path)
+    return readings
+
+
+def evaluate(setting: Setting, concept, seeds: list[int], work: Path, base_model, cache: Path,
+             reuse: bool = False, compare_base: bool = True) -> dict:
     from lib_lora_train.networks import create_network, network_config_from_args, read_network_file
     if setting.name == "base":
-        return {"steps": 0, "cpu_minutes": 0.0, "wall_minutes": 0.0, **score(concept, base_readings, base_readings)}
-    lora, info = train_setting(setting, concept, work)
+        base = base_readings(base_model, concept, seeds, cache)
+        return {"steps": 0, "cpu_minutes": 0.0, "wall_minutes": 0.0, **score(concept, base, base)}
+    lora, info = train_setting(setting, concept, work, reuse)
     cfg = info.pop("_cfg")
     net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args)
     network = create_network(net_cfg, base_model.unet, base_model.text_encoder)
@@ -138,7 +159,8 @@ def evaluate(setting: Setting, concept, seeds: list[int], work: Path, base_model
         readings = draw_all(base_model, concept, seeds, cfg.clip_skip)
     finally:
         network.remove()
-    return {**info, **score(concept, readings, base_readings)}
+    base = base_readings(base_model, concept, seeds, cache) if compare_base else None
+    return {**info, **score(concept, readings, base)}
 
 
 def fmt(s: dict) -> str:
@@ -153,20 +175,39 @@ def verdict(row: dict, base: dict) -> str:
 
 
 def markdown(results: dict, seeds: int) -> str:
-    lines = [f"Seeds per prompt: {seeds}; DPM++ 2M Karras, 20 steps, CFG 5, 64 px; Wilson 95% intervals.", ""]
+    lines = [f"Seeds per prompt: {seeds}; DPM++ 2M Karras, 20 steps, CFG 5, 64 px; Wilson 95% intervals. "
+             f"Target: concept >= {TARGET['concept']}, leakage <= {TARGET['leakage']}, prior within "
+             f"{TARGET['prior_drop']} of the base.", ""]
     for cname, rows in results.items():
         c = CONCEPTS[cname]
         base = rows.get("base")
         lines += [f"### {cname}: {c.kind} ({c.description})", "",
-                  "| setting | concept | leakage | prior | same as base | steps | CPU min | meets target |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| setting | concept | leakage | prior | same as base | seeds | steps | CPU min | meets target |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for sname, r in rows.items():
             same = fmt(r["same_as_base"]) if "same_as_base" in r else ""
             ok = verdict(r, base) if base and sname != "base" else ""
             lines.append(f"| {sname} | {fmt(r['concept'])} | {fmt(r['leakage'])} | {fmt(r['prior'])} | {same} | "
-                         f"{r['steps']} | {r['cpu_minutes']:.1f} | {ok} |")
+                         f"{r.get('seeds', '')} | {r['steps']} | {r['cpu_minutes']:.1f} | {ok} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def merge(folders: list[Path], out: Path) -> int:
+    """One table from several runs (e.g. settings run in parallel), rows in the order settings.py lists them."""
+    combined: dict[str, dict] = {}
+    for folder in folders:
+        for cname, rows in json.loads((folder / "results.json").read_text()).items():
+            combined.setdefault(cname, {}).update(rows)
+    order = list(SETTINGS)
+    combined = {c: dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 999))
+                for c, rows in combined.items()}
+    seeds = {r["seeds"] for rows in combined.values() for r in rows.values() if "seeds" in r}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(combined, indent=1, default=str))
+    (out / "results.md").write_text(markdown(combined, "/".join(str(s) for s in sorted(seeds))))
+    print((out / "results.md").read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--out", default="bench_quality_out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base-cache", default=None,
+                    help="folder for the base model's readings (default: --out); runs in parallel can share one")
+    ap.add_argument("--reuse", action="store_true",
+                    help="a setting already trained in --out is evaluated again, not retrained")
+    ap.add_argument("--no-base-compare", action="store_true",
+                    help="skip the per-seed comparison with the base model (saves drawing the base's images)")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="only combine the results.json of earlier --out folders into --out (no training)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge([Path(d) for d in args.merge], Path(args.out))
     torch.set_num_threads(args.threads)
     from lib_lora_train.models import load_sd_model
     out = Path(args.out).resolve()
@@ -192,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     to_float32(base_model)
     for cname in [c.strip() for c in args.concepts.split(",") if c.strip()]:
         concept = CONCEPTS[cname]
-        base_readings = draw_all(base_model, concept, seeds, None)
         rows = results.setdefault(cname, {})
         for sname in names:
             t0 = time.time()
-            row = evaluate(SETTINGS[sname], concept, seeds, out / "runs" / cname / sname, base_model, base_readings)
+            row = evaluate(SETTINGS[sname], concept, seeds, out / "runs" / cname / sname, base_model,
+                           Path(args.base_cache) if args.base_cache else out, args.reuse,
+                           not args.no_base_compare)
             row["about"] = SETTINGS[sname].about
             row["seeds"] = len(seeds)
             rows[sname] = row

@@ -61,19 +61,45 @@ def register(s: Setting) -> Setting:
     return s
 
 
-# --- exploration candidates (kept: the numbers in results_quality.md name them)
+# The built-in presets as they were before the tuning (issue 13), sd1 values, pinned here so that the "before"
+# rows stay comparable after builtin.toml changes.
+_BEFORE_COMMON = {"network_module": "networks.lora", "network_args": [], "train_batch_size": 2,
+                  "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "optimizer_type": "AdamW",
+                  "lr_scheduler": "cosine", "lr_warmup_steps": 0, "shuffle_caption": True}
+CONCEPT_BEFORE = {**_BEFORE_COMMON, "network_dim": 64, "network_alpha": 32, "max_train_epochs": 12,
+                  "keep_tokens": 1, "clip_skip": 1}
+for _s in (
+    Setting("concept-before", "preset \"concept\" before the tuning: dim 64/32, AdamW 1e-4 (TE 5e-5), cosine, "
+            "12 epochs x 8 repeats, batch 2", repeats=8, keys=CONCEPT_BEFORE),
+    Setting("character-before", "preset \"character\" before the tuning: dim 32/32, AdamW 1e-4 (TE 5e-5), cosine, "
+            "clip skip 2, 10 epochs x 10 repeats, batch 2", repeats=10,
+            keys={**_BEFORE_COMMON, "network_dim": 32, "network_alpha": 32, "max_train_epochs": 10,
+                  "keep_tokens": 1, "clip_skip": 2}),
+    Setting("style-before", "preset \"style\" before the tuning: dim 128/64, AdamW 1e-4 (TE 5e-5), cosine, "
+            "clip skip 2, 10 epochs x 5 repeats, batch 2", repeats=5,
+            keys={**_BEFORE_COMMON, "network_dim": 128, "network_alpha": 64, "max_train_epochs": 10,
+                  "keep_tokens": 0, "clip_skip": 2}),
+):
+    register(_s)
+
+# The candidate recipe (not yet measured to the end, see bench/results_quality.md): the concept preset's step
+# budget and network with Prodigy at safe settings (lr 1.0 is its multiplier, scale-free), min-SNR weighting
+# (gamma 5) and the U-Net only; one ablation row per technique taken out.
 PRODIGY = {"optimizer_type": "Prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 1.0,
            "optimizer_args": ["d_coef=1.0", "use_bias_correction=True", "safeguard_warmup=True",
-                              "weight_decay=0.01", "decouple=True"],
-           "lr_scheduler": "cosine"}
+                              "weight_decay=0.01", "decouple=True"]}
+TUNED = {**CONCEPT_BEFORE, **PRODIGY, "network_train_unet_only": True, "min_snr_gamma": 5}
 for _s in (
-    Setting("x-prodigy-unet", "concept preset + Prodigy, U-Net only", preset="concept",
-            keys={**PRODIGY, "network_train_unet_only": True}),
-    Setting("x-prodigy-unet-reg", "concept preset + Prodigy, U-Net only, world reg images", preset="concept",
-            keys={**PRODIGY, "network_train_unet_only": True}, reg=True),
-    Setting("x-adamw-unet-hi", "concept preset + AdamW lr 1e-3, U-Net only", preset="concept",
-            keys={"learning_rate": 1e-3, "unet_lr": 1e-3, "network_train_unet_only": True}),
-    Setting("x-adamw-unet-hi-reg", "concept preset + AdamW lr 1e-3, U-Net only, reg", preset="concept",
-            keys={"learning_rate": 1e-3, "unet_lr": 1e-3, "network_train_unet_only": True}, reg=True),
+    Setting("concept-tuned", "candidate: concept budget + Prodigy (safe settings) + min-SNR 5 + U-Net only",
+            repeats=8, keys=TUNED),
+    Setting("tuned-with-te", "ablation: the candidate with the text encoder trained too (Prodigy, TE lr 1.0)",
+            repeats=8, keys={**TUNED, "network_train_unet_only": False}, ablation_of="concept-tuned"),
+    Setting("tuned-no-minsnr", "ablation: the candidate without min-SNR weighting", repeats=8,
+            keys={**TUNED, "min_snr_gamma": None}, ablation_of="concept-tuned"),
+    Setting("tuned-adamw", "ablation: the candidate with AdamW lr 1e-4 (the old fixed rate) instead of Prodigy",
+            repeats=8, keys={**TUNED, "optimizer_type": "AdamW", "optimizer_args": [], "learning_rate": 1e-4,
+                             "unet_lr": 1e-4}, ablation_of="concept-tuned"),
+    Setting("tuned-reg", "the candidate + prior preservation: 48 world images in reg_data_dir, prior_loss_weight 1",
+            repeats=8, keys=TUNED, reg=True),
 ):
     register(_s)
