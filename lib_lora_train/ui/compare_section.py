@@ -3,7 +3,9 @@
 `build_compare_section(host, jobs)` creates the components in the current Gradio context. Choose a run, its
 epoch files (default all) and weights (default 0.4, 0.6, 0.8, 1.0), a prompt (the trigger word filled in),
 negative prompt, seed, steps, size, sampler -> one grid with labelled rows (epochs) and columns (weights), the
-validation-loss table ranked with the suggested epoch marked, and what the curve says in plain words. The grid
+validation-loss table ranked with the suggested epoch marked, and what the curve says in plain words; with
+"Measure drift" also a Drift column (how far the control prompts, i.e. prompts without the trigger, moved from the
+base model: compare/drift.py) and the epoch suggested by loss and drift, with its reasoning. The grid
 comes from `host.compare_grid` when the host has one (the WebUI: its X/Y/Z plot script), else from the engine
 (compare_api.run_compare). "Send to txt2img" writes `<lora:NAME:W> trigger`: inside the WebUI into txt2img's
 prompt (javascript/lora_train_compare.js), elsewhere into a box to copy from. Every elem_id starts with
