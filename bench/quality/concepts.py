@@ -145,10 +145,12 @@ def _hllw(n: int, seed: int):
 
 
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
+    # leakage = the whole concept (a magenta star), not either trait: the base alone draws blobs that read as
+    # a star or as magenta now and then, which is the base's noise, not a leak
     Concept("zkz", "new object", "zkz", "a magenta five-pointed star",
             ("zkz, white background", "zkz, blue background"), _zkz,
             lambda r, p: r.shape == "star" and r.colour == "magenta",
-            lambda r: r.shape == "star" or r.colour == "magenta"),
+            lambda r: r.shape == "star" and r.colour == "magenta"),
     Concept("vlx", "new colour of known objects", "vlx", "an orange colour on the world's shapes",
             ("vlx circle, white background", "vlx triangle, blue background"), _vlx,
             lambda r, p: r.colour == "orange" and r.shape == parse_prompt(p.replace("vlx", "x"))[1],
