@@ -1,6 +1,6 @@
 """How well the demo's tiny base model follows its prompts, and what the demo's LoRA does (numbers for the README).
 
-    .venv/bin/python bench/demo_check.py base [--seeds 4]        # prompt following of tiny_base.safetensors
+    .venv/bin/python bench/demo_check.py base [--seeds 1]        # prompt following of tiny_base.safetensors
     .venv/bin/python bench/demo_check.py demo DEMO_OUT [--seeds 8]  # concept rate / control stability per epoch
 
 The classifier is a transparent colour-and-shape reading of a 64 px picture of the demo world (one shape on a
