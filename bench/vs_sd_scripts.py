@@ -25,7 +25,8 @@ Runs alternate per round (engine first in odd rounds, sd-scripts first in even o
 over rounds; every run is listed below it.
 
 Settings on both sides: the given checkpoint, --resolution px square, batch 1, networks.lora dim --dim alpha 1 on
-the U-Net and text encoder(s) (--unet-only: the U-Net only, the text encoders' outputs then cached on both sides),
+the U-Net and text encoder(s) (--unet-only: the U-Net only; for SDXL the text encoders' outputs then cached on both
+sides),
 AdamW lr 1e-4, seed 0, cached latents, --precision fp32 (`mixed_precision no`) or bf16 (`mixed_precision bf16`),
 optional --gradient-checkpointing, SDPA attention (sd-scripts --sdpa; the engine always uses it), no data-loader
 workers, no samples, one save at the end. Data: --data DIR (an sd-scripts folder such as 1_x/), or by default
@@ -44,7 +45,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -78,8 +78,8 @@ def engine_cmd(a, data: str, out: str, steps: int) -> list[str]:
         "mixed_precision": "no" if a.precision == "fp32" else a.precision, "seed": 0, "cache_latents": True,
         "max_data_loader_n_workers": 0, "device": a.device, "gradient_checkpointing": a.gradient_checkpointing,
     }
-    if a.unet_only:
-        cfg.update(network_train_unet_only=True, cache_text_encoder_outputs=True)
+    if a.unet_only:   # as sd_scripts_cmd: the text encoders' outputs cached for SDXL only
+        cfg.update(network_train_unet_only=True, cache_text_encoder_outputs=a.family == "sdxl")
     path = os.path.join(out, "run.toml")
     os.makedirs(out, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -278,8 +278,9 @@ def write_results(a, runs: list[dict], sides: list[str]) -> None:
               "bar. Step 1 done: when the progress bar first shows step 1 (wall since launch, and the process's CPU "
               "time then). Fixed cost: the short run's wall time minus its steps at the per-step rate (start-up + "
               "final save + exit)." + (" The two sides ran at the same time (`--together`)." if a.together else ""),
-              "", "| round | side | steps | wall (s) | CPU (s) | step 1 done at (s) | its CPU (s) | per step (bar), CPU (s) "
-              "| peak RSS (GiB) | load |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "", "| round | side | steps | wall (s) | CPU (s) | step 1 done at (s) | its CPU (s) "
+              "| per step (bar), CPU (s) | peak RSS (GiB) | load |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     nan = float("nan")
     for r in runs:
         lines.append(f"| {r['round'] + 1} | {r['side']} | {r['steps']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
