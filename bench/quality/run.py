@@ -148,7 +148,9 @@ def evaluate(setting: Setting, concept, seeds: list[int], work: Path, base_model
         return {"steps": 0, "cpu_minutes": 0.0, "wall_minutes": 0.0, **score(concept, base, base)}
     lora, info = train_setting(setting, concept, work, reuse)
     cfg = info.pop("_cfg")
-    net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args)
+    net_cfg = network_config_from_args(cfg.network_module, cfg.network_dim, cfg.network_alpha, cfg.network_args,
+                                       train_unet=not cfg.network_train_text_encoder_only,
+                                       train_text_encoder=not cfg.network_train_unet_only)
     network = create_network(net_cfg, base_model.unet, base_model.text_encoder)
     network.load_tensors(read_network_file(lora)[0])
     network.to(torch.float32)
