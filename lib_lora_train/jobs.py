@@ -10,6 +10,7 @@ the host's folders.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import re
@@ -357,6 +358,10 @@ class JobManager:
                     self.host.outputs_written(written)
                 except Exception as exc:  # noqa: BLE001
                     job.log.append(f"warning: the host could not refresh its LoRA list: {exc}")
+            # A finished run's network (adapters, their layers and parameters) sits in reference cycles; collect
+            # them now rather than at Python's next full collection, so a long-lived host is back at its
+            # baseline when the job reports done (found by bench/soak_webui.py: 1332 tensors per run held late).
+            gc.collect()
             # Last: whoever waits for the status sees a job whose files and host lists are complete.
             job.finished = time.time()
             job.status = status

@@ -361,3 +361,34 @@ def test_real_run_interrupted_then_resumed(template, tmp_path):
     assert steps == [7, 8] and again.run_id == job.run_id
     assert (out / "star.safetensors").exists() and (out / "star.json").exists()
     assert host.calls == ["enter", "exit"] * 2
+
+
+def test_a_finished_runs_reference_cycles_are_collected_when_it_reports_done(template, tmp_path):
+    """A network lives in reference cycles (module <-> hooks); with the collector paused, as it may be between
+    Python's own generations in a long-lived host, the job manager still frees it before reporting done."""
+    import gc
+    import weakref
+
+    class Cyclic:                         # stands in for a network: an object that refers to itself
+        def __init__(self):
+            self.me = self
+
+    refs = []
+    fake = FakeTrain()
+
+    def runner(cfg, **kw):
+        net = Cyclic()
+        refs.append(weakref.ref(net))
+        return fake(cfg, **kw)
+
+    host, jobs = make_env(template, tmp_path, runner=runner)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        job = jobs.submit("star", {})
+        jobs.wait(job.id, timeout=30)
+        assert job.status == "done"
+        assert refs and refs[0]() is None, "the run's cyclic garbage outlived the job"
+    finally:
+        if was_enabled:
+            gc.enable()
