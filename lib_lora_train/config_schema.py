@@ -151,7 +151,7 @@ class TrainConfig:
     overwrite: bool = False             # allow replacing the outputs of an earlier run with the same name
     latents_cache_dir: str | None = None  # where cache_latents_to_disk writes (default: <output_dir>/.latents)
     # Without held-out images (validation_split = 0, or a split too small to hold any out), measure the
-    # validation loss on up to 16 training images instead, labelled so in the run record; false: sd-scripts'
+    # validation loss on up to 8 training images instead, labelled so in the run record; false: sd-scripts'
     # behaviour (no validation loss without validation_split)
     validation_fallback: bool = True
     # --- regularisation images made by the base model before training (prep/regimages.py; this engine's keys)
