@@ -35,7 +35,8 @@ HANG = 600     # seconds: only a hang takes this long
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LORA_TRAIN_FAULT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    # the test process's thread count (conftest.py), since results are compared with runs made in-process
+    env.update(OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
     return env
 
 

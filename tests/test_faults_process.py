@@ -39,7 +39,9 @@ def run_cli(tmp, values: dict, fault: str | None):
     path = tmp / "run.toml"
     path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items() if v is not None),
                     encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # the same thread count as this process (conftest.py): the end compares bit for bit with a run made here
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
