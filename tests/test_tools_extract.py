@@ -106,7 +106,10 @@ def test_dense_svd_paths_give_the_best_approximation(monkeypatch):
         lr = modules.svd_dense(m, 7)
         U, S, Vh = torch.linalg.svd(m.double(), full_matrices=False)
         assert_close(lr.up @ lr.down, (U[:, :7] * S[:7]) @ Vh[:7], rel=1e-5, what=str(shape))
-        assert torch.allclose(lr.S[:7], S[:7], rtol=1e-6)
+        # float32 singular values (the Gram path squares the matrix): error up to about n * eps32 * s1^2 / s_k,
+        # a bound from float32's roundoff and these magnitudes, not from one CPU's kernels
+        bound = max(shape) * torch.finfo(torch.float32).eps * S[0] ** 2 / S[:7]
+        assert torch.all((lr.S[:7].double() - S[:7]).abs() <= bound), (shape, lr.S[:7], S[:7], bound)
         assert torch.allclose(lr.down @ lr.down.t(), torch.eye(7), atol=1e-5)
     x = torch.randn(1001, generator=g)
     want = float(torch.quantile(x, 0.99))
