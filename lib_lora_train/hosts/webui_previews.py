@@ -108,6 +108,16 @@ def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | Non
     return render
 
 
+def txt2img(processing: Any, kw: dict) -> Any:
+    """One txt2img through the WebUI's own process_images (previews and regularisation images), closed after."""
+    p = processing.StableDiffusionProcessingTxt2Img(**kw)
+    try:
+        return processing.process_images(p)
+    finally:
+        with contextlib.suppress(Exception):
+            p.close()
+
+
 def _one(processing: Any, sd_model: Any, spec: Any, stem: str, weight: float, clip_skip: int | None = None) -> Any:
     sampler, scheduler = webui_sampler(spec.sampler, processing)
     width, height = spec.size()
@@ -121,12 +131,7 @@ def _one(processing: Any, sd_model: Any, spec: Any, stem: str, weight: float, cl
     if clip_skip:
         kw.update(override_settings={"CLIP_stop_at_last_layers": int(clip_skip)},
                   override_settings_restore_afterwards=True)
-    p = processing.StableDiffusionProcessingTxt2Img(**kw)
-    try:
-        processed = processing.process_images(p)
-    finally:
-        with contextlib.suppress(Exception):
-            p.close()
+    processed = txt2img(processing, kw)
     if not processed.images:
         raise ModelError("the WebUI made no image (interrupted?)")
     image = processed.images[0]

@@ -12,7 +12,7 @@ import contextlib
 from typing import Any, Iterator
 
 from ..errors import Interrupted, ModelError
-from .webui_previews import STATE_KEYS, _check_same_checkpoint, _module, webui_sampler
+from .webui_previews import STATE_KEYS, _check_same_checkpoint, _module, txt2img, webui_sampler
 
 # WebUI settings that change what txt2img draws for a prompt and seed (and so belong to the cache key)
 PIXEL_OPTIONS = ("CLIP_stop_at_last_layers", "sd_vae", "randn_source", "eta_noise_seed_delta")
@@ -44,12 +44,7 @@ def _draw(webui: Any, processing: Any, spec: Any) -> Any:
               sampler_name=sampler, batch_size=1, n_iter=1, do_not_save_grid=True, do_not_save_samples=True)
     if scheduler:
         kw["scheduler"] = scheduler
-    p = processing.StableDiffusionProcessingTxt2Img(**kw)
-    try:
-        processed = processing.process_images(p)
-    finally:
-        with contextlib.suppress(Exception):
-            p.close()
+    processed = txt2img(processing, kw)
     state = shared.state
     if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
         raise Interrupted("regularisation images: interrupted in the WebUI; run it again to complete the set")
