@@ -304,6 +304,10 @@ def setup(cfg, *, host_model: bool = False, environ=None) -> DistContext:
                        f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')} within "
                        f"{ctx.timeout_s:g} s (ddp_timeout): {exc}") from exc
     ctx.owns_group = True
+    # A group still alive at interpreter exit is torn down by C++ destructors while gloo's threads wait on a lost
+    # peer, which aborts (SIGABRT) and hides the process's exit code; close it first on every way out.
+    import atexit
+    atexit.register(ctx.close)
     ctx.watch_launcher()
     return ctx
 
