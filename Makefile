@@ -29,7 +29,10 @@ demo: .venv/.ok
 ui: .venv-webui/.ok
 	.venv-webui/bin/python -m lib_lora_train ui --host 127.0.0.1 --port 7861
 
-test: browser test-current test-webui
+# The two stacks run side by side: the suite runs torch on one thread (tests/conftest.py), so on a 2-core machine
+# this halves the wall time. Each stack's output is printed in one piece when it ends (--output-sync).
+test: browser
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-current test-webui
 
 # The real-browser test drives Debian's chromium (never a downloaded browser build). Installed when missing and
 # when apt-get can (root); without it that one test is skipped with the reason.
