@@ -248,5 +248,36 @@ def test_wired_events_give_one_value_per_output(env):
     fn, ins, outs = events["lora_train_compare_send"]
     assert fn(label, "cmp", 0.6) == "<lora:cmp:0.6> zkz"
     assert fn(label, None, 1).startswith("Error:")
-    fn, _, _ = events["lora_train_compare_refresh"]
-    assert fn(label)["value"] == label and fn("gone")["value"] == label
+    fn, ins, outs = events["lora_train_compare_refresh"]
+    seen = [record]
+    assert len(ins) == len(outs) == 2
+    assert fn(label, seen)[0]["value"] == label and fn("gone", seen)[0]["value"] == label
+    assert fn(label, seen)[1] == seen
+
+
+def test_refresh_chooses_a_run_that_appeared_and_otherwise_keeps_the_choice(tmp_path):
+    """The page opened on an older run; a run trained since then is chosen by Refresh (in the real Forge the
+    dropdown kept the run the WebUI started with, which had no epoch files). The user's choice otherwise stays,
+    even when its label changes with its status."""
+    paths = HostPaths(str(tmp_path / "projects"), str(tmp_path / "loras"))
+    old = make_run(tmp_path / "loras", name="old")
+    sec = cs.CompareSection(BasicHost(paths), None)
+    (old_label,) = sec.run_labels()
+    seen = list(sec.runs.values())
+    rec = json.loads(open(old, encoding="utf-8").read())
+    rec.update(run_id="r2", output_name="new", created=20, status="running")
+    new = str(tmp_path / "loras" / "proj" / "new.run.json")
+    with open(new, "w", encoding="utf-8") as fh:
+        json.dump(rec, fh)
+    names, value, seen = sec.refresh(old_label, seen)
+    assert value == names[0] and sec.runs[value] == new and len(names) == 2
+    new_label = value
+    names, value, seen = sec.refresh(old_label, seen)         # the user went back to the old run: it stays
+    assert sec.runs[value] == old
+    rec["status"] = "done"                                      # the new run's label changes when it ends
+    with open(new, "w", encoding="utf-8") as fh:
+        json.dump(rec, fh)
+    names, value, seen = sec.refresh(new_label, seen)
+    assert value != new_label and sec.runs[value] == new and value.endswith("done")
+    names, value, _ = sec.refresh(None, seen)                   # nothing chosen, nothing new: the newest
+    assert sec.runs[value] == new

@@ -117,6 +117,20 @@ class CompareSection:
         self.runs = {c.label: c.record_path for c in choices}
         return [c.label for c in choices]
 
+    def refresh(self, current: Optional[str], seen: Any) -> tuple[list[str], Optional[str], list[str]]:
+        """Re-list the runs. A run that appeared since this page last listed them (`seen`: record paths) is
+        chosen, newest first: after training, Compare shows the new run, not the one the page opened with. Otherwise
+        the chosen run stays chosen even though its label changes with its status."""
+        before = self.runs.get(current) if current else None
+        choices = compare_runs(self.host, self.jobs)
+        self.runs = {c.label: c.record_path for c in choices}
+        names = [c.label for c in choices]
+        known = set(seen or ())
+        new = [c.label for c in choices if c.record_path not in known]
+        same = [c.label for c in choices if before is not None and c.record_path == before]
+        value = new[0] if new and seen is not None else (same[0] if same else (names[0] if names else None))
+        return names, value, [c.record_path for c in choices]
+
     def record_for(self, label: Optional[str]) -> str:
         if not label:
             raise LoraTrainError("choose a run first")
@@ -310,11 +324,13 @@ def build_compare_section(host: Any, jobs: Any) -> CompareSection:
     run_outputs = [epochs, prompt, send_file, table, explanation, width, height, image, status]
     run.change(fn=on_run, inputs=[run], outputs=run_outputs)
 
-    def on_refresh(current):
-        names = sec.run_labels()
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+    seen = gr.State(list(sec.runs.values()))     # per page: the runs it has listed
 
-    refresh.click(fn=on_refresh, inputs=[run], outputs=[run])
+    def on_refresh(current, known):
+        names, value, known = sec.refresh(current, known)
+        return gr.update(choices=names, value=value), known
+
+    refresh.click(fn=on_refresh, inputs=[run, seen], outputs=[run, seen])
 
     grid_outputs = [status, image, grid_labels, table, explanation]
 
