@@ -189,3 +189,21 @@ def test_stopped_before_the_first_validation_still_records_the_starting_point(ck
         train(cfg_for(ckpt, tmp_path, max_train_epochs=1), sink=sink, stop=stop)
     rec = read_run_record(str(tmp_path / "out" / "v.run.json"))
     assert [(v["at"], v["step"]) for v in rec["validation"]] == [("start", 0)]
+
+
+def test_the_number_does_not_depend_on_how_the_forwards_are_batched(ckpt):
+    """The validator batches an image's timesteps together (`Validator.batch_size`): with the model in float64,
+    batch 1, 3 and 8 give the same loss up to the float32 arithmetic of the loss itself (a mean of squared errors
+    over a latent's elements: worst case n·u relative)."""
+    model = load_sd_model(ckpt)
+    model.unet.to(torch.float64)
+    model.text_encoder.to(torch.float64)
+    g = torch.Generator().manual_seed(7)
+    items = [EvalItem(torch.randn(4, 8, 8, generator=g), f"zkz, tag{i}", 0) for i in range(3)]
+    items = [EvalItem(it.latent, it.caption, latent_seed(it.latent, 0)) for it in items]
+    ts = validation_timesteps(model.noise_scheduler.config.num_train_timesteps)
+    with torch.no_grad():
+        losses = [denoising_loss(model, items, ts, batch_size=b) for b in (1, 3, 8)]
+    n = items[0].latent.numel()
+    bound = n * torch.finfo(torch.float32).eps / 2 * max(abs(v) for v in losses)
+    assert max(losses) - min(losses) <= bound, losses
