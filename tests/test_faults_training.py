@@ -114,9 +114,9 @@ def test_truncated_state_is_refused_with_the_reason(ckpt, data):
     out = data / "out"
     train(make_cfg(ckpt, data, max_train_epochs=1, save_state_on_train_end=True))
     state = out / "demo-state"
-    opt = state / "optimizer.pt"
+    opt = state / "optimizer.torch"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
-    with pytest.raises(ConfigError, match="corrupt: optimizer.pt does not match its recorded checksum"):
+    with pytest.raises(ConfigError, match="corrupt: optimizer.torch does not match its recorded checksum"):
         train(make_cfg(ckpt, data, max_train_epochs=2, resume=str(state)))
 
 

@@ -414,12 +414,32 @@ def test_state_round_trip_fields(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run-state"]
 
 
+def test_state_files_are_not_listed_as_loras_and_format_1_still_loads(tmp_path):
+    """In a WebUI the state sits in models/Lora/<project>/, and A1111's, Forge's and reForge's Lora lists show every
+    .safetensors / .pt / .ckpt file there (the real Forge listed 'network', 'optimizer', 'rng_state', 'scheduler').
+    States saved with those names before still resume."""
+    path = _tiny_state(tmp_path)
+    assert not [f for f in os.listdir(path) if f.lower().endswith((".safetensors", ".pt", ".ckpt"))]
+    # the same state under format 1's names
+    info = json.loads((path / "train_state.json").read_text())
+    old = {S.NETWORK_FILE: "network.safetensors", S.OPTIMIZER_FILE: "optimizer.pt", S.SCHEDULER_FILE: "scheduler.pt",
+           S.RNG_FILE: "rng_state.pt"}
+    for new_name, old_name in old.items():
+        os.rename(path / new_name, path / old_name)
+    info["files"] = {old[k]: v for k, v in info["files"].items()}
+    info["format_version"] = 1
+    (path / "train_state.json").write_text(json.dumps(info))
+    st = S.load_train_state(path)
+    assert st.global_step == 2 and torch.equal(st.network_tensors["weight"], torch.ones(2, 3))
+    assert st.optimizer_state and st.scheduler_state is not None and st.rng_state is not None
+
+
 def test_state_save_is_atomic(tmp_path, monkeypatch):
     _tiny_state(tmp_path, step=2, value=1.0)
     real_save = torch.save
 
     def crash_on_scheduler(obj, f, *a, **k):
-        if str(f).endswith("scheduler.pt"):
+        if str(f).endswith(S.SCHEDULER_FILE):
             raise RuntimeError("simulated crash")
         return real_save(obj, f, *a, **k)
 
@@ -476,22 +496,22 @@ def test_load_refuses_garbage(tmp_path):
         S.load_train_state(path)
 
     path = _tiny_state(tmp_path, name="b-state")
-    data = bytearray((path / "optimizer.pt").read_bytes())
+    data = bytearray((path / S.OPTIMIZER_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (path / "optimizer.pt").write_bytes(bytes(data))
+    (path / S.OPTIMIZER_FILE).write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="corrupt"):
         S.load_train_state(path)
 
     path = _tiny_state(tmp_path, name="c-state")
-    (path / "scheduler.pt").write_bytes(pickle.dumps({"x": _Evil()}, protocol=2))
+    (path / S.SCHEDULER_FILE).write_bytes(pickle.dumps({"x": _Evil()}, protocol=2))
     info = json.loads((path / "train_state.json").read_text())
-    info["files"]["scheduler.pt"] = S._sha256(path / "scheduler.pt")  # checksum fine: only weights_only stops it
+    info["files"][S.SCHEDULER_FILE] = S._sha256(path / S.SCHEDULER_FILE)  # checksum fine: only weights_only stops it
     (path / "train_state.json").write_text(json.dumps(info))
     with pytest.raises(ConfigError, match="safely"):
         S.load_train_state(path)
 
     path = _tiny_state(tmp_path, name="d-state")
-    (path / "network.safetensors").unlink()
+    (path / S.NETWORK_FILE).unlink()
     with pytest.raises(ConfigError, match="incomplete"):
         S.load_train_state(path)
 

@@ -2,11 +2,15 @@
 
 Layout of `<output_dir>/<name>-000004-state/` (sd-scripts' folder names; the content is this engine's own,
 sd-scripts' Accelerate state folders cannot be resumed):
-    network.safetensors   the trainable tensors (pass float32 tensors: they are the exact weights to resume)
-    optimizer.pt          optimizer.state_dict()   (torch.save; read back with weights_only=True)
-    scheduler.pt          scheduler.state_dict()
-    rng_state.pt          global RNG states (optional; the trainer derives step randomness from (seed, step))
+    network.tensors       the trainable tensors, safetensors format (float32: the exact weights to resume)
+    optimizer.torch       optimizer.state_dict()   (torch.save; read back with weights_only=True)
+    scheduler.torch       scheduler.state_dict()
+    rng_state.torch       global RNG states (optional; the trainer derives step randomness from (seed, step))
     train_state.json      written last: epoch, global_step, engine version, config digest, extra, file sha256s
+
+None is named .safetensors / .pt / .ckpt: in a WebUI the state sits in models/Lora/<project>/, and A1111's, Forge's
+and reForge's Lora lists show every such file there as a LoRA ("network", "optimizer", ...). States written with
+those older names (format 1) still load.
 
 A save goes to `<dir>.tmp-<pid>` and is renamed into place only once complete; an older state of the same name
 is replaced only after that. A load checks every file's sha256 before unpickling anything.
@@ -36,12 +40,14 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "lib_lora_train.train_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATE_JSON = "train_state.json"
-NETWORK_FILE = "network.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng_state.pt"
+NETWORK_FILE = "network.tensors"
+OPTIMIZER_FILE = "optimizer.torch"
+SCHEDULER_FILE = "scheduler.torch"
+RNG_FILE = "rng_state.torch"
+_FORMAT_1_NAMES = {NETWORK_FILE: "network.safetensors", OPTIMIZER_FILE: "optimizer.pt",
+                   SCHEDULER_FILE: "scheduler.pt", RNG_FILE: "rng_state.pt"}
 _ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 
 
@@ -151,13 +157,16 @@ def load_train_state(state_dir: str | os.PathLike) -> TrainState:
             raise ConfigError(f"resume: state '{path}' is incomplete: {name} is missing")
         if _sha256(path / name) != digest:
             raise ConfigError(f"resume: state '{path}' is corrupt: {name} does not match its recorded checksum")
+    def named(name: str) -> str | None:       # this format's name, or format 1's
+        return name if name in files else (_FORMAT_1_NAMES[name] if _FORMAT_1_NAMES[name] in files else None)
+
     for name in (NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
-        if name not in files:
+        if named(name) is None:
             raise ConfigError(f"resume: state '{path}' does not list {name} in {STATE_JSON}")
     try:
-        tensors = load_file(str(path / NETWORK_FILE))
+        tensors = load_file(str(path / named(NETWORK_FILE)))
     except Exception as e:
-        raise ConfigError(f"resume: cannot read {path / NETWORK_FILE}: {e}") from e
+        raise ConfigError(f"resume: cannot read {path / named(NETWORK_FILE)}: {e}") from e
     return TrainState(
         path=path,
         epoch=info["epoch"],
@@ -166,9 +175,9 @@ def load_train_state(state_dir: str | os.PathLike) -> TrainState:
         config_digest=info.get("config_digest"),
         extra=dict(info.get("extra") or {}),
         network_tensors=tensors,
-        optimizer_state=_torch_load(path / OPTIMIZER_FILE),
-        scheduler_state=_torch_load(path / SCHEDULER_FILE),
-        rng_state=_torch_load(path / RNG_FILE) if RNG_FILE in files else None,
+        optimizer_state=_torch_load(path / named(OPTIMIZER_FILE)),
+        scheduler_state=_torch_load(path / named(SCHEDULER_FILE)),
+        rng_state=_torch_load(path / named(RNG_FILE)) if named(RNG_FILE) else None,
     )
 
 
