@@ -72,3 +72,46 @@ def test_reforge_parts_go_to_the_device_and_back(tmp_path):
     moved = host._to_device_for_medvram(sd_model)
     assert [str(d) for _p, d in moved] == ["cpu", "cpu", "cpu"]
     assert all(p.moves == [torch.device("meta")] for p, _d in moved)
+
+
+def reforge_sdxl_model():
+    """An SDXL model shaped as reForge leaves it: A1111's DiffusionEngine, but bigG (`conditioner.embedders.1`) is
+    ldm_patched's transformers-layout CLIP at `wrapped.transformer`, its projection at `wrapped.text_projection`
+    (x @ P, OpenCLIP's orientation). Seen in the real reForge: the file's `conditioner.embedders.1.model.*` is gone."""
+    from forge_standins import module_from
+    from webui_standins import family_state_dict, make_sd_model
+
+    from lib_lora_train.models.openclip import openclip_to_transformers
+
+    sd = family_state_dict("sdxl")
+    oc_prefix = "conditioner.embedders.1.model."
+    oc = {k[len(oc_prefix):]: t for k, t in sd.items() if k.startswith(oc_prefix)}
+    hf, _ = openclip_to_transformers(oc, drop_last_layer=False, with_projection=True, label="bigG")
+    hf.pop("text_projection.weight")
+    model = make_sd_model({k: t for k, t in sd.items() if not k.startswith(oc_prefix)}, family="sdxl")
+    wrapped = torch.nn.Module()
+    wrapped.add_module("transformer", module_from({"g." + k: t.contiguous() for k, t in hf.items()}, "g."))
+    wrapped.text_projection = torch.nn.Parameter(oc["text_projection"].clone(), requires_grad=False)
+    embedder = torch.nn.Module()
+    embedder.add_module("wrapped", wrapped)
+    model.conditioner.embedders.add_module("1", embedder)
+    return sd, model
+
+
+def test_reforge_sdxl_bigg_in_transformers_layout_becomes_the_checkpoint_layout_on_the_same_tensors():
+    from lib_lora_train.hosts.webui_model import engine_model, live_state_dict
+    from lib_lora_train.models import load_sd_model
+
+    sd, live = reforge_sdxl_model()
+    tensors = live_state_dict(live)
+    assert not any(k.startswith("conditioner.embedders.1.transformer.") for k in tensors)
+    assert set(tensors) >= {k for k in sd if k.startswith("conditioner.embedders.1.model.")}
+    model = engine_model(live, log=lambda _m: None)
+    reference = load_sd_model(sd, device="cpu")
+    for ours, ref in zip(model.text_encoders, reference.text_encoders):
+        a, b = ours.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shared, total = model.info.extra["webui_shared_text_encoder_tensors"]
+    layers = sum(1 for k in sd if k.startswith("conditioner.embedders.1.model.") and k.endswith("attn.in_proj_weight"))
+    # only bigG's q/k/v are new: the engine's q, k and v weights and biases are views of the fused copy
+    assert total - shared == 6 * layers

@@ -51,6 +51,29 @@ def live_state_dict(sd_model: Any) -> dict:
             key = strip_wrapped(key)
         if key.startswith((UNET, VAE, *TE_PREFIXES)) or "." not in key:   # top-level: betas, alphas_cumprod, ...
             out.setdefault(key, tensor.detach())
+    return _bigg_in_checkpoint_layout(out) if sdxl else out
+
+
+BIGG_HF, BIGG_OC, BIGG_PROJ = "conditioner.embedders.1.transformer.", "conditioner.embedders.1.model.", \
+    "conditioner.embedders.1.text_projection"
+
+
+def _bigg_in_checkpoint_layout(out: dict) -> dict:
+    """reForge (ldm_patched) holds SDXL's OpenCLIP-bigG as a transformers-layout CLIP
+    (`conditioner.embedders.1.transformer.text_model.*`) with the projection it uses beside it
+    (`conditioner.embedders.1.text_projection`, applied as x @ P like OpenCLIP's own); the checkpoint layout is
+    OpenCLIP's. Converted: the same tensors under OpenCLIP's names, only the fused q/k/v are new (a copy)."""
+    if any(k.startswith(BIGG_OC) for k in out) or not any(k.startswith(BIGG_HF) for k in out):
+        return out
+    from ..models.openclip import transformers_to_openclip
+
+    hf = {k[len(BIGG_HF):]: out.pop(k) for k in [k for k in out if k.startswith(BIGG_HF)]}
+    hf.pop("text_projection.weight", None)          # a transformers model's own projection: not the one used
+    oc = transformers_to_openclip(hf)
+    proj = out.pop(BIGG_PROJ, None)
+    if proj is not None:
+        oc["text_projection"] = proj
+    out.update({BIGG_OC + k: t for k, t in oc.items()})
     return out
 
 
@@ -109,7 +132,7 @@ def engine_model(sd_model: Any, log: Callable[[str], None]) -> Any:
     model.info.path = filename if (filename and sha256) else None
     model.info.sha256 = sha256
     model.info.legacy_hash = getattr(info, "hash", None)
-    webui_tensors = list(tensors.values())
+    webui_tensors = list(sd_model.state_dict(keep_vars=True).values())   # the WebUI's own, not converted ones
     unet = shared_count(model.unet.state_dict().values(), webui_tensors)
     encoders = getattr(model, "text_encoders", None) or [model.text_encoder]
     te = shared_count([t for m in encoders for k, t in m.state_dict().items() if not k.endswith("position_ids")],
