@@ -115,3 +115,29 @@ def test_reforge_sdxl_bigg_in_transformers_layout_becomes_the_checkpoint_layout_
     layers = sum(1 for k in sd if k.startswith("conditioner.embedders.1.model.") and k.endswith("attn.in_proj_weight"))
     # only bigG's q/k/v are new: the engine's q, k and v weights and biases are views of the fused copy
     assert total - shared == 6 * layers
+
+
+def test_reforge_sd2_openclip_h_in_transformers_layout_becomes_the_checkpoint_layout():
+    """SD 2.x on reForge: OpenCLIP-H as ldm_patched's transformers-layout CLIP with all of the file's layers
+    (`cond_stage_model.wrapped.transformer`); the engine's model equals the one read from the file."""
+    from forge_standins import module_from
+    from webui_standins import family_state_dict, make_sd_model
+
+    from lib_lora_train.hosts.webui_model import engine_model
+    from lib_lora_train.models import load_sd_model
+    from lib_lora_train.models.openclip import openclip_to_transformers
+
+    sd = family_state_dict("sd2")
+    oc_prefix = "cond_stage_model.model."
+    oc = {k[len(oc_prefix):]: t for k, t in sd.items() if k.startswith(oc_prefix)}
+    hf, _ = openclip_to_transformers(oc, drop_last_layer=False, with_projection=False, label="H")
+    live = make_sd_model({k: t for k, t in sd.items() if not k.startswith(oc_prefix)}, family="sd2")
+    if "wrapped" not in live.cond_stage_model._modules:
+        live.cond_stage_model.add_module("wrapped", torch.nn.Module())
+    live.cond_stage_model.wrapped.add_module("transformer",
+                                             module_from({"h." + k: t.contiguous() for k, t in hf.items()}, "h."))
+    model = engine_model(live, log=lambda _m: None)
+    reference = load_sd_model(sd, device="cpu")
+    assert model.info.family == reference.info.family == "sd2"
+    a, b = model.text_encoder.state_dict(), reference.text_encoder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

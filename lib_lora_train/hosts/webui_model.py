@@ -51,29 +51,31 @@ def live_state_dict(sd_model: Any) -> dict:
             key = strip_wrapped(key)
         if key.startswith((UNET, VAE, *TE_PREFIXES)) or "." not in key:   # top-level: betas, alphas_cumprod, ...
             out.setdefault(key, tensor.detach())
-    return _bigg_in_checkpoint_layout(out) if sdxl else out
+    if sdxl:
+        return _openclip_in_checkpoint_layout(out, "conditioner.embedders.1.")
+    if live_family(sd_model)[0] == "sd2":
+        return _openclip_in_checkpoint_layout(out, "cond_stage_model.")
+    return out
 
 
-BIGG_HF, BIGG_OC, BIGG_PROJ = "conditioner.embedders.1.transformer.", "conditioner.embedders.1.model.", \
-    "conditioner.embedders.1.text_projection"
-
-
-def _bigg_in_checkpoint_layout(out: dict) -> dict:
-    """reForge (ldm_patched) holds SDXL's OpenCLIP-bigG as a transformers-layout CLIP
-    (`conditioner.embedders.1.transformer.text_model.*`) with the projection it uses beside it
-    (`conditioner.embedders.1.text_projection`, applied as x @ P like OpenCLIP's own); the checkpoint layout is
-    OpenCLIP's. Converted: the same tensors under OpenCLIP's names, only the fused q/k/v are new (a copy)."""
-    if any(k.startswith(BIGG_OC) for k in out) or not any(k.startswith(BIGG_HF) for k in out):
+def _openclip_in_checkpoint_layout(out: dict, prefix: str) -> dict:
+    """reForge (ldm_patched) holds the OpenCLIP text encoders (SDXL's bigG, SD 2.x's H) as transformers-layout
+    CLIPs (`<prefix>transformer.text_model.*`) with the projection it uses beside them (`<prefix>text_projection`,
+    applied as x @ P like OpenCLIP's own); the checkpoint layout is OpenCLIP's (`<prefix>model.*`). Converted:
+    the same tensors under OpenCLIP's names, only the fused q/k/v are new (a copy). H keeps all 24 layers there,
+    as in the file; the loader makes the penultimate-layer cut."""
+    hf_prefix, oc_prefix = prefix + "transformer.", prefix + "model."
+    if any(k.startswith(oc_prefix) for k in out) or not any(k.startswith(hf_prefix) for k in out):
         return out
     from ..models.openclip import transformers_to_openclip
 
-    hf = {k[len(BIGG_HF):]: out.pop(k) for k in [k for k in out if k.startswith(BIGG_HF)]}
+    hf = {k[len(hf_prefix):]: out.pop(k) for k in [k for k in out if k.startswith(hf_prefix)]}
     hf.pop("text_projection.weight", None)          # a transformers model's own projection: not the one used
     oc = transformers_to_openclip(hf)
-    proj = out.pop(BIGG_PROJ, None)
+    proj = out.pop(prefix + "text_projection", None)
     if proj is not None:
         oc["text_projection"] = proj
-    out.update({BIGG_OC + k: t for k, t in oc.items()})
+    out.update({oc_prefix + k: t for k, t in oc.items()})
     return out
 
 
