@@ -69,7 +69,7 @@ def _captions(data):
 def _open_page(p: Page) -> None:
     p.d.get(p.server.url)
     # the page's load event has run when the steps line has its text (it is empty in the initial layout)
-    p.wait_value("lora_train_steps", bool, "the load event's text", timeout=45)
+    p.wait_value("lora_train_steps", bool, "the load event's text")
 
 
 def _tag_cell(p: Page, tag: str):
@@ -141,7 +141,7 @@ def test_train_a_lora_in_the_browser(page, tmp_path):
             seen.append(state)
         return state if state and state["status"] in ("done", "failed", "interrupted") else None
 
-    final = p.wait(finished, "the run to end", timeout=90, poll=0.1)
+    final = p.wait(finished, "the run to end", poll=0.1)
     assert final["status"] == "done", (final, p.value("lora_train_train_status"), p.value("lora_train_log"))
     assert final["step"] == final["total"] == str(EXPECTED_STEPS), seen
     assert any(s["status"] in ("queued", "running") and int(s["step"]) < EXPECTED_STEPS for s in seen), seen
