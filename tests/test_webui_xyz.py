@@ -378,3 +378,22 @@ def test_a_lora_that_matched_no_layer_is_a_failed_cell(tmp_path):
     res = wx.run_compare_grid(web, CompareRequest(record_path=record, weights=[1.0], seed=1, steps=2))
     assert [(f.epoch, f.weight) for f in res.failed] == [(1, 1.0)]
     assert "run-000001 matched no layer of the loaded model" in res.failed[0].reason
+
+
+def test_on_forge_and_reforge_an_empty_modules_list_is_not_a_failed_cell(tmp_path):
+    """Forge's and reForge's Lora extensions (they have `load_lora_state_dict`) patch weights through their model
+    patchers and never fill a network's `modules`: in the real Forge every Compare cell came out grey "failed"
+    although Forge had loaded all 264 keys of the LoRA into each cell."""
+    root = tmp_path / "Lora"
+    root.mkdir()
+    nets = networks_for(root)
+    nets.loaded_networks = []
+    nets.load_lora_state_dict = lambda filename: {}
+    web, _ = web_with_axes(tmp_path, networks=nets)
+    record = make_run(root, "p", "run", 2, created=1)
+
+    def on_cell(n):
+        nets.loaded_networks[:] = [SimpleNamespace(name="run-000001" if n == 1 else "run", modules={})]
+    web.standin.on_cell = on_cell
+    res = wx.run_compare_grid(web, CompareRequest(record_path=record, weights=[1.0], seed=1, steps=2))
+    assert res.failed == []

@@ -67,7 +67,9 @@ def lora_reason(networks: Optional[Callable[[], Any]], p: Any) -> Optional[str]:
     net = next((n for n in loaded if getattr(n, "name", None) == stem), None)
     if net is None:
         return f"the WebUI's Lora extension did not load {stem}"
-    if hasattr(net, "modules") and not net.modules:
+    # Only A1111's extension fills `modules`; Forge's and reForge's (which have `load_lora_state_dict`) patch the
+    # weights through their model patchers and leave it empty on every LoRA, so there it says nothing.
+    if hasattr(net, "modules") and not net.modules and not hasattr(nets, "load_lora_state_dict"):
         return f"{stem} matched no layer of the loaded model (a LoRA of another model family?)"
     return None
 
