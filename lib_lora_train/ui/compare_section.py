@@ -122,14 +122,12 @@ class CompareSection:
         chosen, newest first: after training, Compare shows the new run, not the one the page opened with. Otherwise
         the chosen run stays chosen even though its label changes with its status."""
         before = self.runs.get(current) if current else None
-        choices = compare_runs(self.host, self.jobs)
-        self.runs = {c.label: c.record_path for c in choices}
-        names = [c.label for c in choices]
+        names = self.run_labels()
         known = set(seen or ())
-        new = [c.label for c in choices if c.record_path not in known]
-        same = [c.label for c in choices if before is not None and c.record_path == before]
+        new = [n for n in names if self.runs[n] not in known]
+        same = [n for n in names if before is not None and self.runs[n] == before]
         value = new[0] if new and seen is not None else (same[0] if same else (names[0] if names else None))
-        return names, value, [c.record_path for c in choices]
+        return names, value, [self.runs[n] for n in names]
 
     def record_for(self, label: Optional[str]) -> str:
         if not label:
