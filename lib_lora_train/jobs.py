@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .config import ALIASES, TrainConfig, config_from_dict
 from .errors import ConfigError, Interrupted, LoraTrainError
 from .events import DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STEP, WARNING, Event, fan_out
+from .heap import release_free_memory
 from .hosts.base import Host, inside, safe_child
 from .hosts import outputs as sidecars
 from .record import record_paths
@@ -362,6 +363,7 @@ class JobManager:
             # them now rather than at Python's next full collection, so a long-lived host is back at its
             # baseline when the job reports done (found by bench/soak_webui.py: 1332 tensors per run held late).
             gc.collect()
+            release_free_memory()          # heap.py: what glibc kept of the run's freed tensors
             # Last: whoever waits for the status sees a job whose files and host lists are complete.
             job.finished = time.time()
             job.status = status
