@@ -10,8 +10,8 @@ from lib_lora_train.events import VALIDATION
 from lib_lora_train.models import load_sd_model, write_tiny_checkpoint
 from lib_lora_train.networks import create_network, network_config_from_args
 from lib_lora_train.record import read_events, read_run_record
-from lib_lora_train.training.evaluate import (EvalItem, denoising_loss, evaluation_mode, latent_seed,
-                                              validation_timesteps)
+from lib_lora_train.training.evaluate import (SMALL_LATENTS_BATCH, EvalItem, denoising_loss, eval_batch_size,
+                                              evaluation_mode, latent_seed, validation_timesteps)
 from lib_lora_train.training.loop import train
 
 
@@ -192,8 +192,8 @@ def test_stopped_before_the_first_validation_still_records_the_starting_point(ck
 
 
 def test_the_number_does_not_depend_on_how_the_forwards_are_batched(ckpt):
-    """The validator batches an image's timesteps together (`Validator.batch_size`): with the model in float64,
-    batch 1, 3 and 8 give the same loss up to the float32 arithmetic of the loss itself (a mean of squared errors
+    """The validator batches an image's timesteps together (`Validator.batch_size`), and small latents all in one
+    call (`eval_batch_size`): with the model in float64, batch 1, 3, 8 and all 12 give the same loss up to the float32 arithmetic of the loss itself (a mean of squared errors
     over a latent's elements: worst case n·u relative)."""
     model = load_sd_model(ckpt)
     model.unet.to(torch.float64)
@@ -204,6 +204,17 @@ def test_the_number_does_not_depend_on_how_the_forwards_are_batched(ckpt):
     ts = validation_timesteps(model.noise_scheduler.config.num_train_timesteps)
     with torch.no_grad():
         losses = [denoising_loss(model, items, ts, batch_size=b) for b in (1, 3, 8)]
+        losses.append(denoising_loss(model, items, ts, batch_size=1, small_latents=SMALL_LATENTS_BATCH))
     n = items[0].latent.numel()
     bound = n * torch.finfo(torch.float32).eps / 2 * max(abs(v) for v in losses)
     assert max(losses) - min(losses) <= bound, losses
+
+
+def test_small_latents_go_through_the_unet_together_large_ones_at_the_training_batch():
+    assert eval_batch_size(4, 32, (4, 8, 8), SMALL_LATENTS_BATCH) == 32          # 64 px: all 32 in one call
+    assert eval_batch_size(4, 100, (4, 8, 8), SMALL_LATENTS_BATCH) == 32         # at most the budget
+    assert eval_batch_size(4, 3, (4, 8, 8), SMALL_LATENTS_BATCH) == 4            # never below the batch
+    assert eval_batch_size(4, 32, (4, 16, 16), SMALL_LATENTS_BATCH) == 8         # 128 px
+    assert eval_batch_size(4, 32, (4, 64, 64), SMALL_LATENTS_BATCH) == 4         # 512 px: as before
+    assert eval_batch_size(6, 32, (4, 128, 128), SMALL_LATENTS_BATCH) == 6       # SDXL 1024 px
+    assert eval_batch_size(4, 32, (4, 8, 8), None) == 4
