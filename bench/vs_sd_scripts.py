@@ -117,6 +117,14 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def training_bar_steps(text: bytes, steps: int) -> list[int]:
+    """The step counts a training progress bar of `steps` steps shows in `text` (tqdm output, both programs).
+    Only training bars: sd-scripts' says "steps: …", the engine's counts in "step" units; a latent-caching bar
+    over as many images as there are steps ("1/24 [… it/s]") would otherwise pass for step 1."""
+    bar = re.compile(rb"(steps:[^\r\n]*?)?\|\s*(\d+)/%d \[([^\]\r\n]*)\]" % steps)
+    return [int(m.group(2)) for m in bar.finditer(text) if m.group(1) or b"step" in m.group(3)]
+
+
 def run_one(cmd: list[str], cwd: str, steps: int, threads: int, log: str) -> dict:
     """Launch; watch stderr for the progress bar (tqdm, both programs) and note wall and process CPU time at each
     step it shows; wait4() for the total CPU time and peak RSS."""
@@ -124,7 +132,6 @@ def run_one(cmd: list[str], cwd: str, steps: int, threads: int, log: str) -> dic
                PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    bar = re.compile(rb"\|\s*(\d+)/%d \[" % steps)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen: dict[int, tuple[float, float | None]] = {}    # step -> (wall, process CPU) when the bar showed it
@@ -137,8 +144,7 @@ def run_one(cmd: list[str], cwd: str, steps: int, threads: int, log: str) -> dic
             fh.write(chunk)
             now = time.perf_counter() - t0
             tail = (tail + chunk)[-8192:]
-            for m in bar.finditer(tail[-len(chunk) - 64:]):
-                k = int(m.group(1))
+            for k in training_bar_steps(tail[-len(chunk) - 160:], steps):
                 if k >= 1 and k not in seen:
                     seen[k] = (now, _cpu_seconds(proc.pid))
     _, status, ru = os.wait4(proc.pid, 0)
