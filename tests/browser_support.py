@@ -205,7 +205,7 @@ class Page:
             except Exception:  # noqa: BLE001
                 pass
         raise AssertionError(f"{message}\npage state: {'; '.join(state)}\nscreenshot: {shot}\n"
-                             f"server log tail:\n{self.server.log_tail()}")
+                             f"server log tail:\n{self.server.log_tail() if self.server else '(in this process)'}")
 
     def wait_value(self, elem_id: str, predicate: Callable[[str], bool], what: str, timeout: float = HANG) -> str:
         return self.wait(lambda: (lambda v: v if predicate(v) else False)(self.value(elem_id)),

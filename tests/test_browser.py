@@ -130,6 +130,8 @@ def test_train_a_lora_in_the_browser(page, tmp_path):
         p.type(elem_id, value)
     p.wait_value("lora_train_steps", lambda v: v.startswith(f"{EXPECTED_STEPS} steps"),
                  f"'{EXPECTED_STEPS} steps'")
+    # each edit left the browser stamped with its order (ui/latest.py: an overtaken edit changes nothing)
+    assert p.d.execute_script("return window.loraTrainEventSeq || 0") >= len(FORM)
 
     # 5. train: the progress moves, the loss chart draws, the file shows up in the history
     p.button("lora_train_train_button")

@@ -9,22 +9,17 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from lib_lora_train.demo.toy import make_toy_dataset  # noqa: E402
-from lib_lora_train.hosts.base import BasicHost, HostPaths  # noqa: E402
-from lib_lora_train.jobs import JobManager  # noqa: E402
-from lib_lora_train.models import write_tiny_checkpoint  # noqa: E402
-from lib_lora_train.ui import build_tab, form_store, params_section, project_section, train_section  # noqa: E402
+from lib_lora_train.ui import form_store, params_section, project_section, train_section  # noqa: E402
 from lib_lora_train.ui import tab as tab_module  # noqa: E402
 from lib_lora_train.ui.presets import FORM_KEYS  # noqa: E402
 from lib_lora_train.ui.regimages_section import generate, run_keys  # noqa: E402
+from ui_support import tiny_tab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    ckpt = write_tiny_checkpoint(str(root / "models" / "tiny.safetensors"))
-    host = BasicHost(HostPaths(str(root / "projects"), str(root / "loras"), [str(root / "models")]),
-                     default_checkpoint=str(ckpt), config={"resolution": "64", "device": "cpu"})
-    blocks = build_tab(host, JobManager(host))
+    blocks, _ = tiny_tab(root)
     src = make_toy_dataset(str(root / "toy"), 2)
     toy = next(src / n for n in sorted(os.listdir(src)) if (src / n).is_dir())
     return blocks, blocks.lora_train_ctx, str(toy)

@@ -8,13 +8,11 @@ gr = pytest.importorskip("gradio")
 
 from lib_lora_train.demo.toy import make_toy_dataset  # noqa: E402
 from lib_lora_train.errors import ConfigError  # noqa: E402
-from lib_lora_train.hosts.base import BasicHost, HostPaths  # noqa: E402
-from lib_lora_train.jobs import JobManager  # noqa: E402
-from lib_lora_train.models import write_tiny_checkpoint  # noqa: E402
 from lib_lora_train.ui import build_tab, form_store  # noqa: E402
 from lib_lora_train.ui import history_section, params_section, preprocess_section, project_section  # noqa: E402
 from lib_lora_train.ui import tab as tab_module, tags_section, train_section  # noqa: E402
 from lib_lora_train.ui.presets import FORM_KEYS  # noqa: E402
+from ui_support import tiny_tab  # noqa: E402
 
 PP = ("white", "keep aspect ratio", 64, False)
 STABLE_IDS = ("lora_train_project", "lora_train_project_name", "lora_train_create_project", "lora_train_trigger",
@@ -27,13 +25,9 @@ STABLE_IDS = ("lora_train_project", "lora_train_project_name", "lora_train_creat
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    ckpt = write_tiny_checkpoint(str(root / "models" / "tiny.safetensors"))
-    host = BasicHost(HostPaths(str(root / "projects"), str(root / "loras"), [str(root / "models")]),
-                     default_checkpoint=str(ckpt), config={"resolution": "64", "device": "cpu"})
-    jobs = JobManager(host)
-    blocks = build_tab(host, jobs)
+    blocks, ctx = tiny_tab(root)
     toy = make_toy_dataset(str(root / "toy"), 4) / "10_zkz"
-    return blocks, blocks.lora_train_ctx, str(toy), root
+    return blocks, ctx, str(toy), root
 
 
 def form(ctx, **changes):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from ..errors import LoraTrainError
 from ..hosts.base import Host
 from ..jobs import JobManager
+from .latest import LatestOnly, recheck_js, stamp_js
 
 Result = dict[str, Any]
 
@@ -27,6 +28,8 @@ class UIContext:
     jobs: JobManager
     tr: Callable[[str], str] = identity          # table headers shown by handlers (standalone --lang)
     c: dict[str, Any] = field(default_factory=dict)
+    latest: LatestOnly = field(default_factory=LatestOnly)
+    _ordered: int = 0                               # ordered events wired so far (each gets its own browser key)
 
     def add(self, name: str, component: Any) -> Any:
         if name in self.c:
@@ -36,9 +39,11 @@ class UIContext:
 
     def on(self, trigger: Callable, fn: Callable[..., Result], inputs: list[str], outputs: list[str], *,
            status: str | None = None, js: str | None = None, queue: bool | None = None,
-           show_progress: str = "full", select: bool = False) -> Any:
+           show_progress: str = "full", select: bool = False, latest: str | None = None) -> Any:
         """Wire `fn(ctx, *inputs)` to an event (`trigger` is e.g. `button.click`). With `select`, the handler
-        gets the event's index as its last argument (Dataframe / Gallery `.select`)."""
+        gets the event's index as its last argument (Dataframe / Gallery `.select`). With `latest` (a group
+        name), events of one page in that group run in turn and one overtaken by a newer one changes nothing
+        (edits that save what was typed: see latest.py); the tab's hidden `event_token` box carries the order."""
         import gradio as gr
 
         from .compat import js_kwargs, select_index
@@ -70,11 +75,24 @@ class UIContext:
                     return finish({status: f"error: {type(exc).__name__}: {exc}"})
                 raise
 
+        if select and latest:
+            raise ValueError("select events are not ordered")
         if select:
             def run_select(evt, *args):
                 return call(args + (select_index(evt),))
             run_select.__annotations__ = {"evt": gr.SelectData}
             run: Callable = run_select
+        elif latest:
+            if js:
+                raise ValueError("an ordered event stamps its own token in the browser; it takes no other js")
+            group = latest
+
+            def run(token, *args):
+                return self.latest.run(group, token, lambda: call(args), lambda: finish(None))
+            key = f"{group}:{self._ordered}"
+            self._ordered += 1
+            js = stamp_js(key, len(inputs))
+            inputs = ["event_token"] + list(inputs)
         else:
             def run(*args):
                 return call(args)
@@ -83,4 +101,7 @@ class UIContext:
                                   show_progress=show_progress, **js_kwargs(js))
         if queue is not None:
             kw["queue"] = queue
-        return trigger(**kw)
+        event = trigger(**kw)
+        if latest:   # the values typed while it ran, which Gradio 3.41 would drop (latest.py)
+            event = event.then(**dict(kw, show_progress="hidden", **js_kwargs(recheck_js(key, len(inputs) - 1))))
+        return event

@@ -208,7 +208,7 @@ def wire(ctx: UIContext) -> None:
     ctx.on(c["history_table"].select, select_row, ["project", "history_names"], pick_outs, select=True)
     ctx.on(c["history_run"].input, pick, ["project", "history_run"], pick_outs)
     ctx.on(c["history_notes"].input, save_notes, ["project", "history_run", "history_notes"], [],
-           show_progress="hidden")
+           show_progress="hidden", latest="notes")
     ctx.on(c["history_load"].click, load_params, ["project", "history_run"] + list(FORM_KEYS),
            list(FORM_KEYS) + ["steps_text", "eta_text", "history_status"], status="history_status")
     ctx.on(c["history_delete"].click, ask_delete, ["project", "history_run"],

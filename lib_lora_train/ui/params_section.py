@@ -210,8 +210,9 @@ def wire(ctx: UIContext) -> None:
     c = ctx.c
     inputs = ["project"] + list(FORM_KEYS)
     for key in FORM_KEYS:
-        ctx.on(c[key].input, changed, inputs, ESTIMATE_KEYS, show_progress="hidden")
-    ctx.on(c["preset"].input, preset, ["project", "preset"] + list(FORM_KEYS), list(FORM_KEYS) + ESTIMATE_KEYS)
+        ctx.on(c[key].input, changed, inputs, ESTIMATE_KEYS, show_progress="hidden", latest="form")
+    ctx.on(c["preset"].input, preset, ["project", "preset"] + list(FORM_KEYS), list(FORM_KEYS) + ESTIMATE_KEYS,
+           latest="form")
     ctx.on(c["import_file"].upload, import_upload, ["project", "import_file"] + list(FORM_KEYS),
            list(FORM_KEYS) + ["import_report"])
     ctx.on(c["export_button"].click, export_sd_scripts, ["project"] + list(FORM_KEYS), ["export_file", "export_text"])

@@ -191,8 +191,10 @@ def wire(ctx: UIContext, open_outputs: list[str], data_outputs: list[str], pp_ke
     ctx.on(c["create_project"].click, create, ["project_name", "trigger", "purpose"],
            open_outputs + ["proj_status"], status="proj_status")
     ctx.on(c["project_refresh"].click, refresh_list, ["project"], ["project"], status=None)
-    ctx.on(c["trigger"].input, save_settings, ["project", "trigger", "purpose"], [], show_progress="hidden")
-    ctx.on(c["purpose"].input, save_settings, ["project", "trigger", "purpose"], [], show_progress="hidden")
+    ctx.on(c["trigger"].input, save_settings, ["project", "trigger", "purpose"], [], show_progress="hidden",
+           latest="settings")
+    ctx.on(c["purpose"].input, save_settings, ["project", "trigger", "purpose"], [], show_progress="hidden",
+           latest="settings")
     report_outs = ["check_report", "check_gallery", "proj_status"]
     ctx.on(c["import_button"].click, import_folder, ["project", "import_path", "import_recursive"] + pp_keys,
            data_outputs + report_outs, status="proj_status")

@@ -104,6 +104,8 @@ def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
     ctx = UIContext(host, jobs, tr=translator(mapping))
     with gr.Blocks(analytics_enabled=False, title="Train LoRA") as blocks:
         with gr.Column(elem_id="lora_train_root"):
+            # filled in the browser for events that must land in order (UIContext.on(latest=...))
+            ctx.add("event_token", gr.Textbox(visible=False, elem_id="lora_train_event_token"))
             gr.Markdown("Train a LoRA on your own images: work through the sections from top to bottom.")
             for title, key in SECTIONS:
                 with gr.Accordion(title, open=True, elem_id=f"lora_train_section_{key}"):
@@ -149,5 +151,5 @@ def _wire(ctx: UIContext, blocks: Any) -> None:
     ctx.on(c["project"].input, open_project, ["project"], OPEN_OUTPUTS)
     for key in OPTION_KEYS:
         ctx.on(c[key].input if hasattr(c[key], "input") else c[key].change, save_options,
-               ["project"] + OPTION_KEYS, [], show_progress="hidden")
+               ["project"] + OPTION_KEYS, [], show_progress="hidden", latest="options")
     ctx.on(blocks.load, on_load, [], OPEN_OUTPUTS)
