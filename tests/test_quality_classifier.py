@@ -82,3 +82,28 @@ def test_a_blank_image_has_no_shape():
     from PIL import Image
     r = classify(Image.new("RGB", (64, 64), (40, 80, 220)))
     assert r.shape == "none" and r.background == "blue"
+
+
+class _Codec:
+    """A stand-in autoencoder: `degrade` is what a round trip does to the picture ([-1, 1] tensors)."""
+
+    def __init__(self, degrade):
+        from types import SimpleNamespace
+        self.vae = SimpleNamespace(
+            encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
+            decode=lambda z: SimpleNamespace(sample=degrade(z)))
+
+
+@pytest.mark.parametrize("name", sorted(CONCEPTS))
+def test_the_autoencoder_ceiling_is_what_the_codec_keeps(name):
+    """The benchmark's "ceiling" row: a lossless codec keeps every concept picture readable; one that keeps only
+    an 8 x 8 grid of averages, smoothly upsampled (a latent's resolution, no decoder skill), loses the star."""
+    import torch.nn.functional as F
+    from run import ceiling
+
+    exact = ceiling(_Codec(lambda z: z), CONCEPTS[name])
+    assert exact["concept"]["rate"] == 1.0 and exact["leakage"]["rate"] == 0.0
+    assert exact["prior"]["rate"] >= 0.95
+    if name == "zkz":
+        blocky = ceiling(_Codec(lambda z: F.interpolate(F.avg_pool2d(z, 8), scale_factor=8, mode="bilinear")), CONCEPTS[name])
+        assert blocky["concept"]["rate"] < 0.5

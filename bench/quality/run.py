@@ -30,14 +30,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from classify import classify  # noqa: E402
-from concepts import CONCEPTS, PRIOR_PROMPTS, follows  # noqa: E402
+from concepts import CONCEPTS, N_IMAGES, PRIOR_PROMPTS, follows  # noqa: E402
 from sampler import sample, to_float32  # noqa: E402
 from settings import SETTINGS, Setting  # noqa: E402
 
-BASE = HERE.parent.parent / "lib_lora_train" / "demo" / "tiny_base.safetensors"
+BASE = HERE.parent.parent / "lib_lora_train" / "demo" / "tiny_base.safetensors"   # --base changes it
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 TARGET = {"concept": 0.90, "prior_drop": 0.05, "leakage": 0.10}
 
 
@@ -129,7 +136,8 @@ def score(concept, readings: dict[str, list], base: dict[str, list] | None) -> d
 
 def base_readings(base_model, concept, seeds: list[int], cache: Path) -> dict[str, list]:
     """The base model's readings on the benchmark's prompts and seeds, cached (several runs in parallel share it)."""
-    path = cache / f"base_{concept.name}_{seeds[0]}_{len(seeds)}_{BASE.stat().st_size}.pkl"
+    # keyed by the base file's content: two bases of one architecture have the same size
+    path = cache / f"base_{concept.name}_{seeds[0]}_{len(seeds)}_{file_digest(BASE)}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     readings = draw_all(base_model, concept, seeds, None)
@@ -140,9 +148,35 @@ def base_readings(base_model, concept, seeds: list[int], cache: Path) -> dict[st
     return readings
 
 
+@torch.no_grad()
+def _through_autoencoder(model, images) -> list:
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+    y = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample.float()
+    arr = ((y.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return [classify(Image.fromarray(a)) for a in arr]
+
+
+def ceiling(base_model, concept, n: int = 24) -> dict:
+    """What the base's autoencoder lets any LoRA reach: the concept's own pictures (the dozen trained on and as many
+    new ones), encoded and decoded by the base's VAE, read by the classifier. A LoRA changes only the U-Net (and
+    text encoder); a picture the VAE cannot reproduce, no setting can draw."""
+    from lib_lora_train.demo import world
+    pairs = concept.make(N_IMAGES, 0) + concept.make(n - N_IMAGES, 7)
+    shows = [concept.shows(r, cap) for r, (_, cap) in zip(_through_autoencoder(base_model, [p[0] for p in pairs]), pairs)]
+    scenes = world.world_samples(n * 2, seed=999)
+    readings = _through_autoencoder(base_model, [p[0] for p in scenes])
+    res = {}
+    for key, xs in (("concept", shows), ("leakage", [concept.leaks(r) for r in readings]),
+                    ("prior", [follows(r, cap) for r, (_, cap) in zip(readings, scenes)])):
+        res[key] = {"rate": sum(xs) / len(xs), "k": sum(xs), "n": len(xs), "ci95": wilson(sum(xs), len(xs))}
+    return res
+
+
 def evaluate(setting: Setting, concept, seeds: list[int], work: Path, base_model, cache: Path,
              reuse: bool = False, compare_base: bool = True) -> dict:
     from lib_lora_train.networks import create_network, network_config_from_args, read_network_file
+    if setting.name == "ceiling":
+        return {"steps": 0, "cpu_minutes": 0.0, "wall_minutes": 0.0, **ceiling(base_model, concept)}
     if setting.name == "base":
         base = base_readings(base_model, concept, seeds, cache)
         return {"steps": 0, "cpu_minutes": 0.0, "wall_minutes": 0.0, **score(concept, base, base)}
@@ -188,7 +222,7 @@ def markdown(results: dict, seeds: int) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for sname, r in rows.items():
             same = fmt(r["same_as_base"]) if "same_as_base" in r else ""
-            ok = verdict(r, base) if base and sname != "base" else ""
+            ok = verdict(r, base) if base and sname not in ("base", "ceiling") else ""
             lines.append(f"| {sname} | {fmt(r['concept'])} | {fmt(r['leakage'])} | {fmt(r['prior'])} | {same} | "
                          f"{r.get('seeds', '')} | {r['steps']} | {r['cpu_minutes']:.1f} | {ok} |")
         lines.append("")
@@ -213,12 +247,14 @@ def merge(folders: list[Path], out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BASE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default="base,plain,concept,character,style")
+    ap.add_argument("--settings", default="ceiling,base,plain,concept,character,style")
     ap.add_argument("--concepts", default="zkz")
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--out", default="bench_quality_out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base", default=None, help=f"the base model file (default: {BASE.name}, the demo's)")
     ap.add_argument("--base-cache", default=None,
                     help="folder for the base model's readings (default: --out); runs in parallel can share one")
     ap.add_argument("--reuse", action="store_true",
@@ -231,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge([Path(d) for d in args.merge], Path(args.out))
     torch.set_num_threads(args.threads)
+    if args.base:
+        BASE = Path(args.base).resolve()
     from lib_lora_train.models import load_sd_model
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,8 @@ PLAIN = {"network_module": "networks.lora", "network_dim": 8, "network_alpha": 8
          "optimizer_type": "AdamW", "lr_scheduler": "constant", "train_batch_size": 4, "max_train_steps": 400}
 
 _settings = [
+    Setting("ceiling", "no sampling: the concept's pictures and world scenes through the base's autoencoder "
+                       "(the most any LoRA can reach)"),
     Setting("base", "the base model alone (no LoRA)"),
     Setting("plain", "minimal LoRA loop: dim 8, alpha 8, AdamW lr 5e-4 constant, batch 4, 400 steps, "
                      "U-Net and text encoder", keys=PLAIN),
