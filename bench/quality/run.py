@@ -12,6 +12,9 @@ classifier (classify.py). Scores (each with a Wilson 95% interval):
 - prior:   the share of non-trigger prompt images that show the shape and colour the prompt asks for; the base
            model alone on the same seeds and prompts is the reference ("within 0.05 of the base").
 
+The `ceiling` setting trains and samples nothing: it reads the concept's pictures after a round trip through the
+base's autoencoder, the most any LoRA on that base can reach (a LoRA never changes the VAE).
+
 Results go to DIR/results.json (every reading's summary) and DIR/results.md (the table). Not part of `make test`:
 a few CPU minutes per setting.
 """
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                            Path(args.base_cache) if args.base_cache else out, args.reuse,
                            not args.no_base_compare)
             row["about"] = SETTINGS[sname].about
-            row["seeds"] = len(seeds)
+            row["seeds"] = 0 if sname == "ceiling" else len(seeds)      # the ceiling draws no samples
             rows[sname] = row
             print(f"{cname:5s} {sname:28s} concept {fmt(row['concept'])}  leakage {fmt(row['leakage'])}  "
                   f"prior {fmt(row['prior'])}  steps {row['steps']}  cpu {row['cpu_minutes']} min  "

@@ -105,3 +105,30 @@ for _s in (
             repeats=8, keys=TUNED, reg=True),
 ):
     register(_s)
+
+# Second round (2026-12-07, on the rebuilt base whose autoencoder can draw the concepts): the plain loop and a
+# fixed-rate recipe, each with prior preservation, and the text encoder trained gently.
+ADAMW_HI = {**CONCEPT_BEFORE, "optimizer_type": "AdamW", "optimizer_args": [], "learning_rate": 1e-3,
+            "unet_lr": 1e-3, "network_train_unet_only": True, "min_snr_gamma": 5}
+for _s in (
+    Setting("plain-reg", "the plain loop + prior preservation (48 world images, prior_loss_weight 1)",
+            keys=PLAIN, reg=True),
+    Setting("adamw-hi-reg", "concept budget, AdamW 1e-3 cosine, min-SNR 5, U-Net only, prior preservation",
+            repeats=8, keys=ADAMW_HI, reg=True),
+    Setting("adamw-hi-reg-te", "adamw-hi-reg with the text encoder trained at 5e-5", repeats=8,
+            keys={**ADAMW_HI, "network_train_unet_only": False, "text_encoder_lr": 5e-5}, reg=True),
+):
+    register(_s)
+for _s in (
+    Setting("adamw-2e3-reg", "adamw-hi-reg at learning rate 2e-3", repeats=8,
+            keys={**ADAMW_HI, "learning_rate": 2e-3, "unet_lr": 2e-3}, reg=True),
+    Setting("adamw-hi", "ablation: adamw-hi-reg without prior preservation", repeats=8, keys=ADAMW_HI,
+            ablation_of="adamw-hi-reg"),
+    Setting("adamw-hi-reg-no-minsnr", "ablation: adamw-hi-reg without min-SNR weighting", repeats=8,
+            keys={**ADAMW_HI, "min_snr_gamma": None}, reg=True, ablation_of="adamw-hi-reg"),
+    Setting("adamw-1e4-reg", "ablation: adamw-hi-reg at the old fixed rate 1e-4", repeats=8,
+            keys={**ADAMW_HI, "learning_rate": 1e-4, "unet_lr": 1e-4}, reg=True, ablation_of="adamw-hi-reg"),
+):
+    register(_s)
+register(Setting("adamw-hi-reg-16", "adamw-hi-reg with 16 epochs instead of 12", repeats=8,
+                 keys={**ADAMW_HI, "max_train_epochs": 16}, reg=True))
