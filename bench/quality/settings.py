@@ -132,3 +132,19 @@ for _s in (
     register(_s)
 register(Setting("adamw-hi-reg-16", "adamw-hi-reg with 16 epochs instead of 12", repeats=8,
                  keys={**ADAMW_HI, "max_train_epochs": 16}, reg=True))
+# The same recipe from another training seed (is 0.95 the recipe or one lucky run?), and for the colour word the
+# text encoder trained harder (a colour bound to a new word lives in the text encoder's reading of that word).
+register(Setting("adamw-hi-reg-16-seed1", "adamw-hi-reg-16 with training seed 1", repeats=8,
+                 keys={**ADAMW_HI, "max_train_epochs": 16, "seed": 1}, reg=True))
+for _lr in (3e-4, 1e-3):
+    register(Setting(f"adamw-hi-reg-16-te{_lr:.0e}", f"adamw-hi-reg-16 with the text encoder trained at {_lr:g}",
+                     repeats=8, keys={**ADAMW_HI, "max_train_epochs": 16, "network_train_unet_only": False,
+                                      "text_encoder_lr": _lr}, reg=True))
+register(Setting("adamw-hi-reg-16-seed2", "adamw-hi-reg-16 with training seed 2", repeats=8,
+                 keys={**ADAMW_HI, "max_train_epochs": 16, "seed": 2}, reg=True))
+register(Setting("adamw-hi-reg2-16-seed1", "adamw-hi-reg-16-seed1 with prior_loss_weight 2", repeats=8,
+                 keys={**ADAMW_HI, "max_train_epochs": 16, "seed": 1, "prior_loss_weight": 2.0}, reg=True))
+for _seed in (0, 2):
+    register(Setting(f"adamw-hi-reg2-16-seed{_seed}", f"adamw-hi-reg-16 with prior_loss_weight 2, training seed {_seed}",
+                     repeats=8, keys={**ADAMW_HI, "max_train_epochs": 16, "seed": _seed, "prior_loss_weight": 2.0},
+                     reg=True))
