@@ -35,11 +35,10 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from classify import classify  # noqa: E402
 from concepts import CONCEPTS, N_IMAGES, PRIOR_PROMPTS, follows  # noqa: E402
-from sampler import sample, to_float32  # noqa: E402
+from sampler import sample, to_float32, to_pil  # noqa: E402
 from settings import SETTINGS, Setting  # noqa: E402
 
 BASE = HERE.parent.parent / "lib_lora_train" / "demo" / "tiny_base.safetensors"   # --base changes it
@@ -154,9 +153,7 @@ def base_readings(base_model, concept, seeds: list[int], cache: Path) -> dict[st
 @torch.no_grad()
 def _through_autoencoder(model, images) -> list:
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
-    y = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample.float()
-    arr = ((y.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    return [classify(Image.fromarray(a)) for a in arr]
+    return [classify(im) for im in to_pil(model.vae.decode(model.vae.encode(x).latent_dist.mean).sample)]
 
 
 def ceiling(base_model, concept, n: int = 24) -> dict:

@@ -41,8 +41,12 @@ def sample(model, prompt: str, seeds: list[int], *, steps: int = STEPS, scale: f
         both = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         uncond, cond_pred = unet(both, t, **kwargs).sample.float().chunk(2)
         latents = scheduler.step(uncond + scale * (cond_pred - uncond), t, latents).prev_sample
-    images = vae.decode(latents / model.info.latent_scale).sample.float()
-    arr = ((images.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return to_pil(vae.decode(latents / model.info.latent_scale).sample)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """A decoded batch ([n, 3, H, W] in [-1, 1]) as 8-bit pictures, rounded as the engine's sampler rounds."""
+    arr = ((images.float().permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return [Image.fromarray(a) for a in arr]
 
 
