@@ -82,3 +82,27 @@ def test_api_config_takes_a_preset(tmp_path):
                   options=PreprocessOptions(workers=1))
     cfg = JobManager(host).resolve_config("star", {"preset": "style", "network_alpha": 8})
     assert cfg.network_dim == 128 and cfg.network_alpha == 8 and cfg.resolution == "64"
+
+
+def test_concept_preset_is_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_path):
+    """The "concept" preset as bench/quality runs it (its sd1 values, its suggested repeats, a dozen images and a
+    regularisation folder): a few hundred optimizer updates of 8 images each, with the techniques the benchmark
+    credits (bench/results_quality.md) switched on."""
+    from PIL import Image
+    from lib_lora_train.training.data_setup import plan_for_config
+    p = presets.builtin()["concept"]
+    assert "regularisation images" in p.describe("sd1") and "regularisation images" in p.describe("sdxl")
+    data, reg = tmp_path / "data" / f"{p.repeats}_zkz", tmp_path / "reg" / "1_world"
+    for folder, n in ((data, 12), (reg, 48)):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (64, 64), (i * 5, 40, 200 - i)).save(folder / f"{i:03d}.png")
+            (folder / f"{i:03d}.txt").write_text(f"zkz, picture {i}\n", encoding="utf-8")
+    for family, images_per_update in (("sd1", 8), ("sd2", 8), ("sdxl", 8)):
+        cfg = config_from_dict({"preset": f"{family}-concept", "resolution": "64", "cache_latents": True,
+                                "pretrained_model_name_or_path": "base.safetensors", "output_dir": str(tmp_path),
+                                "train_data_dir": str(data.parent), "reg_data_dir": str(reg.parent)})
+        assert cfg.train_batch_size * cfg.gradient_accumulation_steps == images_per_update, family
+        assert cfg.min_snr_gamma == 5 and cfg.network_train_unet_only and cfg.prior_loss_weight == 2, family
+        # 12 images x 8 repeats + as many regularisation samples, 24 epochs, 8 per update: 576 updates
+        assert plan_for_config(cfg, num_processes=1).total_steps == 576, family

@@ -249,7 +249,7 @@ def merge(folders: list[Path], out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     global BASE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default="ceiling,base,plain,concept,character,style")
+    ap.add_argument("--settings", default="ceiling,base,plain,concept-reg,concept,character,style")
     ap.add_argument("--concepts", default="zkz")
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--out", default="bench_quality_out")

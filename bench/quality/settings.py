@@ -51,7 +51,15 @@ _settings = [
     Setting("base", "the base model alone (no LoRA)"),
     Setting("plain", "minimal LoRA loop: dim 8, alpha 8, AdamW lr 5e-4 constant, batch 4, 400 steps, "
                      "U-Net and text encoder", keys=PLAIN),
-    Setting("concept", "preset \"concept\" (sd1 values, 64 px)", preset="concept"),
+    Setting("concept", "preset \"concept\" (sd1 values, 64 px) without the regularisation images it asks for",
+            preset="concept"),
+    Setting("concept-reg", "preset \"concept\" (sd1 values, 64 px) with 48 class images (world scenes) as the "
+                           "regularisation images its description asks for", preset="concept", reg=True),
+    Setting("concept-reg-seed1", "concept-reg, training seed 1", preset="concept", keys={"seed": 1}, reg=True),
+    Setting("concept-reg-seed2", "concept-reg, training seed 2", preset="concept", keys={"seed": 2}, reg=True),
+    *(Setting(f"concept-reg-e20-seed{s}", f"concept-reg with 20 epochs instead of the preset's 24, training seed {s}",
+              preset="concept", keys={"seed": s, "max_train_epochs": 20}, reg=True, ablation_of="concept-reg")
+      for s in (0, 1, 2)),
     Setting("character", "preset \"character\" (sd1 values, 64 px)", preset="character"),
     Setting("style", "preset \"style\" (sd1 values, 64 px)", preset="style"),
 ]
@@ -148,3 +156,31 @@ for _seed in (0, 2):
     register(Setting(f"adamw-hi-reg2-16-seed{_seed}", f"adamw-hi-reg-16 with prior_loss_weight 2, training seed {_seed}",
                      repeats=8, keys={**ADAMW_HI, "max_train_epochs": 16, "seed": _seed, "prior_loss_weight": 2.0},
                      reg=True))
+
+# Third round (issue 13, presets): the same recipe in fewer, larger steps (batch 4 and 8 with the rate raised),
+# and at the rate the field's hosted trainers default to for LoRAs at alpha = dim / 2 (5e-4).
+def _recipe(lr: float, batch: int, epochs: int = 16, **extra: Any) -> dict[str, Any]:
+    return {**ADAMW_HI, "learning_rate": lr, "unet_lr": lr, "train_batch_size": batch, "max_train_epochs": epochs,
+            **extra}
+
+
+for _name, _lr, _batch, _ep in (("b4-1e3", 1e-3, 4, 16), ("b4-2e3", 2e-3, 4, 16), ("b8-2e3", 2e-3, 8, 16),
+                                ("b8-3e3", 3e-3, 8, 16), ("b2-5e4", 5e-4, 2, 16), ("b4-2e3-12", 2e-3, 4, 12)):
+    register(Setting(f"recipe-{_name}", f"the recipe (prior preservation, min-SNR 5, U-Net only, AdamW cosine) at "
+                     f"lr {_lr:g}, batch {_batch}, {_ep} epochs", repeats=8, keys=_recipe(_lr, _batch, _ep),
+                     reg=True))
+register(Setting("recipe-b8-1e3", "the recipe at lr 0.001, batch 8, 16 epochs", repeats=8, keys=_recipe(1e-3, 8),
+                 reg=True))
+for _seed in (1, 2):
+    register(Setting(f"recipe-b8-2e3-seed{_seed}", f"the recipe at lr 0.002, batch 8, 16 epochs, training seed {_seed}",
+                     repeats=8, keys=_recipe(2e-3, 8, seed=_seed), reg=True))
+register(Setting("recipe-b8-2e3-noreg", "ablation: recipe-b8-2e3 without prior preservation", repeats=8,
+                 keys=_recipe(2e-3, 8), ablation_of="recipe-b8-2e3"))
+register(Setting("recipe-b4a2-2e3", "recipe-b8-2e3 as batch 4 with 2 accumulation steps", repeats=8,
+                 keys=_recipe(2e-3, 4, gradient_accumulation_steps=2), reg=True))
+for _seed in (0, 1, 2):
+    register(Setting(f"recipe-b8-2e3-pw2-seed{_seed}", f"recipe-b8-2e3 with prior_loss_weight 2, training seed {_seed}",
+                     repeats=8, keys=_recipe(2e-3, 8, seed=_seed, prior_loss_weight=2.0), reg=True))
+for _seed in (0, 1, 2):
+    register(Setting(f"recipe-b8-2e3-pw2-e20-seed{_seed}", f"recipe-b8-2e3-pw2 with 20 epochs, training seed {_seed}",
+                     repeats=8, keys=_recipe(2e-3, 8, 20, seed=_seed, prior_loss_weight=2.0), reg=True))
