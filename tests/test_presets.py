@@ -106,3 +106,29 @@ def test_concept_preset_is_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_p
         assert cfg.min_snr_gamma == 5 and cfg.network_train_unet_only and cfg.prior_loss_weight == 2, family
         # 12 images x 8 repeats + as many regularisation samples, 24 epochs, 8 per update: 576 updates
         assert plan_for_config(cfg, num_processes=1).total_steps == 576, family
+
+
+def test_a_prior_loss_weight_without_regularisation_images_is_reported(tmp_path):
+    """The "concept" preset's prior_loss_weight 2 acts on regularisation images only: without them the run says so
+    (a warning event), with them or at sd-scripts' default 1.0 it does not."""
+    from PIL import Image
+    from lib_lora_train.events import WARNING
+    from lib_lora_train.training.data_setup import build_training_data
+    for folder in (tmp_path / "data" / "2_zkz", tmp_path / "reg" / "1_shape"):
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (64, 64), (i * 60, 90, 30)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(f"picture {i}\n", encoding="utf-8")
+
+    def warnings(**keys):
+        cfg = config_from_dict({"preset": "concept", "resolution": "64", "output_dir": str(tmp_path / "out"),
+                                "pretrained_model_name_or_path": "base.safetensors",
+                                "train_data_dir": str(tmp_path / "data"), **keys})
+        events = []
+        build_training_data(cfg, events.append)
+        return [e.data["message"] for e in events if e.kind == WARNING and e.data["message"].startswith("prior_loss_weight")]
+
+    (msg,) = warnings()
+    assert "prior_loss_weight = 2" in msg and "reg_data_dir" in msg and "reg_images_prompt" in msg
+    assert warnings(reg_data_dir=str(tmp_path / "reg")) == []
+    assert warnings(prior_loss_weight=1.0) == []

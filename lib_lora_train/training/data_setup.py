@@ -61,9 +61,20 @@ def build_training_data(cfg: TrainConfig, emit=None):
     data = TrainingData(datasets, seed=cfg.seed_value)
     data.set_prior_loss_weight(cfg.prior_loss_weight)
     if emit is not None:
-        for msg in data.warnings:
+        for msg in data.warnings + _prior_warnings(cfg, data):
             emit(Event(WARNING, {"message": msg}))
     return data, folder_mode
+
+
+def _prior_warnings(cfg: TrainConfig, data) -> list[str]:
+    """A prior_loss_weight changed from sd-scripts' 1.0 (the "concept" preset's 2) acts on regularisation images
+    only: without them it silently does nothing, and the run it was tuned for changes what the model draws."""
+    if cfg.prior_loss_weight == 1.0 or any(item.is_reg for item in data.items):
+        return []
+    return [f"prior_loss_weight = {cfg.prior_loss_weight:g} but there are no regularisation images, so nothing "
+            f"preserves the prior: without them a LoRA tuned for prior preservation (the \"concept\" preset) also "
+            f"changes pictures without the trigger word. Add reg_data_dir (a folder of class images) or "
+            f"reg_images_prompt (a class prompt; the model draws them)"]
 
 
 def plan_for_config(cfg: TrainConfig, num_processes: int | None = None):
