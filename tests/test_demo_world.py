@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_lora_train.demo import toy, world
+from lib_lora_train.demo import run, toy, world
 
 SHIPPED = Path(world.__file__).with_name("tiny_base.safetensors")
 
@@ -80,7 +80,7 @@ def test_demo_dataset_passes_its_own_check_without_warnings(tmp_path):
     from lib_lora_train.prep.check import check_dataset, find_near_duplicates
 
     data = toy.make_toy_dataset(tmp_path / "data")
-    reg = toy.make_reg_dataset(tmp_path / "reg")
+    reg = toy.make_reg_dataset(tmp_path / "reg", run.REG_IMAGES)   # as many as the demo writes
     report = check_dataset(str(data), str(reg), workers=1)
     assert [i.message for i in report.by_severity("warning") + report.by_severity("error")] == []
     assert len(report.all_issues) > 0                 # the check did run (its information lines)
@@ -88,7 +88,7 @@ def test_demo_dataset_passes_its_own_check_without_warnings(tmp_path):
     assert find_near_duplicates(report.files) == []
     # the world pictures for prior preservation are captioned like the base model's own training data
     captions = sorted((reg / toy.REG_FOLDER).glob("*.txt"))
-    assert len(captions) == toy.N_IMAGES
+    assert len(captions) == run.REG_IMAGES
     pattern = re.compile(rf"^({'|'.join(world.COLOURS)}) ({'|'.join(world.SHAPES)}), "
                          rf"({'|'.join(world.COLOURS)}) background$")
     assert all(pattern.match(c.read_text(encoding="utf-8").strip()) for c in captions)
