@@ -10,6 +10,7 @@ gr = pytest.importorskip("gradio")
 
 from lib_lora_train.hosts.base import BasicHost, HostPaths  # noqa: E402
 from lib_lora_train.jobs import JobManager  # noqa: E402
+from lib_lora_train.presets import builtin  # noqa: E402
 from lib_lora_train.ui import build_tab, i18n  # noqa: E402
 
 ZH = os.path.join(i18n.LOCALIZATIONS, "zh_CN.json")
@@ -50,7 +51,7 @@ def test_every_visible_string_is_translated(blocks):
     # the walk really sees labels, help lines, buttons, placeholders, Markdown, word choices and headers
     for sample in ("Trigger word", "Start training", "e.g. zkz", "keep aspect ratio", "Last loss",
                    "DeepBooru (WebUI)", "How fast the image model learns; 0.0001 is a safe start",
-                   "Concept: an object, pose or idea, dim 64, clip skip 1, about 8 repeats.", "Project & images"):
+                   builtin()["concept"].describe("sd1"), "Project & images"):
         assert sample in texts, sample
     missing = i18n.missing(blocks, load_zh())
     assert missing == [], "untranslated: " + "; ".join(f"{t!r} ({w})" for t, w in missing)
