@@ -98,11 +98,11 @@ def test_concept_preset_is_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_p
         for i in range(n):
             Image.new("RGB", (64, 64), (i * 5, 40, 200 - i)).save(folder / f"{i:03d}.png")
             (folder / f"{i:03d}.txt").write_text(f"zkz, picture {i}\n", encoding="utf-8")
-    for family, images_per_update in (("sd1", 8), ("sd2", 8), ("sdxl", 8)):
+    for family in presets.FAMILIES:
         cfg = config_from_dict({"preset": f"{family}-concept", "resolution": "64", "cache_latents": True,
                                 "pretrained_model_name_or_path": "base.safetensors", "output_dir": str(tmp_path),
                                 "train_data_dir": str(data.parent), "reg_data_dir": str(reg.parent)})
-        assert cfg.train_batch_size * cfg.gradient_accumulation_steps == images_per_update, family
+        assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 8, family   # images per update
         assert cfg.min_snr_gamma == 5 and cfg.network_train_unet_only and cfg.prior_loss_weight == 2, family
         # 12 images x 8 repeats + as many regularisation samples, 24 epochs, 8 per update: 576 updates
         assert plan_for_config(cfg, num_processes=1).total_steps == 576, family
@@ -126,7 +126,8 @@ def test_a_prior_loss_weight_without_regularisation_images_is_reported(tmp_path)
                                 "train_data_dir": str(tmp_path / "data"), **keys})
         events = []
         build_training_data(cfg, events.append)
-        return [e.data["message"] for e in events if e.kind == WARNING and e.data["message"].startswith("prior_loss_weight")]
+        messages = [e.data["message"] for e in events if e.kind == WARNING]
+        return [m for m in messages if m.startswith("prior_loss_weight")]
 
     (msg,) = warnings()
     assert "prior_loss_weight = 2" in msg and "reg_data_dir" in msg and "reg_images_prompt" in msg
