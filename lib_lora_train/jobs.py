@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import background
 from .config import ALIASES, TrainConfig, config_from_dict
 from .errors import ConfigError, Interrupted, LoraTrainError
 from .events import DONE, EPOCH, ERROR, INTERRUPTED, LOG, SAMPLE, SAVED, START, STEP, WARNING, Event, fan_out
@@ -160,6 +161,7 @@ class JobManager:
         self._submitting = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
+        self._closing = False          # Python is exiting: the worker ends instead of waiting for more work
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. a page pushing updates
 
     # ------------------------------------------------------------ queries
@@ -270,8 +272,7 @@ class JobManager:
             self._jobs[job.id] = job
             self._queue.append(job.id)
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, name="lora-train-jobs", daemon=True)
-                self._worker.start()
+                self._worker = background.start(self._work, name="lora-train-jobs", stop=self._stop_for_exit)
             self._wake.notify_all()
         job.log.append(f"queued as {job.output_name} in {job.output_dir}")
         return job
@@ -303,12 +304,24 @@ class JobManager:
             time.sleep(0.05)
         return job
 
+    def _stop_for_exit(self) -> None:
+        """Python is exiting (background.py): queued jobs leave the queue, the running one stops at its next step
+        with a resumable state, and the worker ends."""
+        with self._lock:
+            self._closing = True
+            active = [j.id for j in self._jobs.values() if j.active]
+        for job_id in active:
+            self.stop(job_id)
+        with self._lock:
+            self._wake.notify_all()
+
     # ------------------------------------------------------------ the worker
     def _work(self) -> None:
         while True:
             with self._lock:
                 while not self._queue:
-                    self._wake.wait(timeout=60)
+                    if not self._closing:
+                        self._wake.wait(timeout=60)
                     if not self._queue:
                         self._worker = None
                         return

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+from .. import background
 from ..compare_api import (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_WEIGHTS, CompareRequest, CompareResult,
                            compare_runs, run_compare)
 from ..errors import LoraTrainError
@@ -196,8 +197,7 @@ class CompareSection:
                 box["error"] = exc
 
         try:
-            thread = threading.Thread(target=work, name="lora-train-compare-grid", daemon=True)
-            thread.start()
+            thread = background.start(work, name="lora-train-compare-grid", stop=stop)
             while thread.is_alive():
                 thread.join(interval)
                 if thread.is_alive():

@@ -9,6 +9,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any, Iterator
 
+from .. import background
 from ..errors import ConfigError, LoraTrainError
 from . import form_store
 from .common import active_job, get_project
@@ -73,6 +74,7 @@ def generate(ctx: UIContext, project_name: str | None, prompt: str, count: Any, 
         yield f"error: {exc}"
         return
     done: dict[str, Any] = {"n": 0}
+    stop = stop or threading.Event()     # set when Python exits (background.py), if not by the caller
 
     def progress(n: int, total: int) -> None:
         done["n"] = n
@@ -82,8 +84,7 @@ def generate(ctx: UIContext, project_name: str | None, prompt: str, count: Any, 
             done["result"] = generate_for_project(ctx.host, project, req, progress=progress, stop=stop)
         except BaseException as exc:  # noqa: BLE001 - shown in the status line
             done["error"] = exc
-    thread = threading.Thread(target=work, name="lora-train-reg-images", daemon=True)
-    thread.start()
+    thread = background.start(work, name="lora-train-reg-images", stop=stop)
     while thread.is_alive():
         yield f"drawing {req.count} images of '{req.prompt}' at {side}x{side}: {done['n']}/{req.count}"
         thread.join(0.5)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from .. import background
 from ..errors import ConfigError, Interrupted, LoraTrainError
 from ..events import LOG, PROGRESS, WARNING, Event
 
@@ -143,9 +144,8 @@ class ToolRunner:
                     res = ActionResult(False, error_message(e))
                 run.result = res
 
-            run.thread = threading.Thread(target=work, name=f"lora-tools-{label}", daemon=True)
             self.current = run
-            run.thread.start()
+            run.thread = background.start(work, name=f"lora-tools-{label}", stop=run.stop)
             return run
 
     def stop(self) -> str:
