@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo ui test test-current test-webui browser bench clean
+.PHONY: demo ui test test-current test-webui browser tcmalloc bench clean
 
 # Current releases: the command line and the engine.
 .venv/.ok: requirements/current.txt requirements/test.txt
@@ -31,7 +31,7 @@ ui: .venv-webui/.ok
 
 # The two stacks run side by side: the suite runs torch on one thread (tests/conftest.py), so on a 2-core machine
 # this halves the wall time. Each stack's output is printed in one piece when it ends (--output-sync).
-test: browser
+test: browser tcmalloc
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-current test-webui
 
 # The real-browser test drives Debian's chromium (never a downloaded browser build). Installed when missing and
@@ -43,6 +43,16 @@ browser:
 	      { apt-get update -q >/dev/null 2>&1 && \
 	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || \
 	  echo "chromium/chromedriver not installed: the browser test will be skipped"
+
+# tcmalloc, which A1111's webui.sh preloads on Linux: the heap test checks that a finished run's memory is handed
+# back under it too. Installed when missing and when apt-get can (root); without it that test is skipped.
+tcmalloc:
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null; }; }; } || \
+	  echo "libtcmalloc-minimal4 not installed: the tcmalloc heap test will be skipped"
 
 test-current: .venv/.ok
 	.venv/bin/python -m pytest -q tests
