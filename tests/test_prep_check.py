@@ -8,9 +8,9 @@ from PIL import Image, ImageFile
 
 from lib_lora_train.dataset import datasets_from_folders
 from lib_lora_train.errors import DataError
-from lib_lora_train.prep.check import check_counts, check_dataset, check_path, find_near_duplicates, lint_files
+from lib_lora_train.prep.check import check_counts, check_dataset, find_near_duplicates, lint_files
 from lib_lora_train.prep.corpus import picture, write_good_images, write_layout_mistakes, write_odd_files
-from lib_lora_train.prep.project import create_project
+from lib_lora_train.prep.project import check_path, create_project
 from lib_lora_train.prep.report import ERROR, CheckReport, FileReport
 
 

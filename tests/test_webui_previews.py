@@ -155,7 +155,7 @@ def test_renderer_error_and_lora_outside_the_folder_restore_everything(tmp_path,
     saved = _busy_state(ns.shared.state)
     w.processing.fail = True
     with pytest.raises(RuntimeError, match="exploded"):
-        make_preview_renderer(w)(lora, [PromptSpec("x", steps=2)], 1.0)
+        make_preview_renderer(w, WebUIHost(w)._clear_networks)(lora, [PromptSpec("x", steps=2)], 1.0)
     assert same_as(ns.shared.sd_model, before) == [] and ns.networks.loaded_networks == []
     assert {k: getattr(ns.shared.state, k) for k in saved} == saved
     w.processing.fail = False
@@ -163,7 +163,7 @@ def test_renderer_error_and_lora_outside_the_folder_restore_everything(tmp_path,
     outside.parent.mkdir()
     outside.write_bytes(b"")
     with pytest.raises(ModelError, match="did not load"):
-        make_preview_renderer(w)(str(outside), [PromptSpec("x", steps=2)], 1.0)
+        make_preview_renderer(w, WebUIHost(w)._clear_networks)(str(outside), [PromptSpec("x", steps=2)], 1.0)
 
 
 # ------------------------------------------------------------------ the engine's hook

@@ -59,7 +59,7 @@ def _settings(out: Path, base: Path, data_root: Path, reg_root: Path | None, set
 
 def run_demo(out: str | os.PathLike = "demo_out", *, bar: bool = True, settings: dict | None = None,
              prior_preservation: bool = True, drift: bool = True) -> dict:
-    from ..cli import ProgressPrinter
+    from ..terminal import ProgressPrinter
     from ..compare.drift import drift_table_text, measure_drift, suggest
     from ..compare.grid import MergingRenderer
     from ..compare.ranking import ranking_from_record

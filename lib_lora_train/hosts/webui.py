@@ -16,59 +16,18 @@ What a run does to the WebUI (all undone on exit, also after an error or an inte
 """
 import contextlib
 import os
-import sys
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import ConfigError, ModelError
 from .base import HostPaths, checkpoint_kind, family_label, native_resolution_of
+from .webui_base import (OPT_OUTPUT_DIR, OPT_PROJECTS_DIR, TAB_ID, TAB_TITLE, WebUI,  # noqa: F401
+                         _same_file, log, lora_networks_module)
 from .webui_model import engine_model, first_device, live_family, live_state_dict, model_parts, shared_count
 from .webui_progress import _Session, _stop_asked, step_text, task_id
 
 __all__ = ["WebUI", "WebUIHost", "host_and_jobs", "live_state_dict", "shared_count", "step_text", "task_id",
            "_stop_asked"]
-
-TAB_TITLE = "Train LoRA"
-TAB_ID = "lora_train"
-OPT_OUTPUT_DIR = "lora_train_output_dir"        # settings (registered by webui_support.register_settings)
-OPT_PROJECTS_DIR = "lora_train_projects_dir"
-
-
-def log(message: str) -> None:
-    print(f"[lora-train] {message}", flush=True)
-
-
-@dataclass
-class WebUI:
-    """The WebUI's modules this host uses (the real ones from scripts/lora_train.py, stand-ins in tests)."""
-    shared: Any                      # modules.shared: sd_model, cmd_opts, opts, state, interrogator
-    devices: Any                     # modules.devices: device, dtype, dtype_unet, fp8, autocast, torch_gc
-    call_queue: Any                  # modules.call_queue: queue_lock
-    paths: Any                       # modules.paths: data_path, models_path
-    sd_models: Any = None            # modules.sd_models: model_path
-    progress: Any = None             # modules.progress: start_task, finish_task
-    lowvram: Any = None              # modules.lowvram: send_everything_to_cpu
-    deepbooru: Any = None            # modules.deepbooru: model
-    images: Any = None               # modules.images: resize_image
-    # The built-in Lora extension's `networks` module (loaded by its script, found in sys.modules when needed).
-    networks: Optional[Callable[[], Any]] = None
-
-
-def lora_networks_module() -> Any:
-    """The already-imported `networks` module of extensions-builtin/Lora, or None (e.g. Forge, or disabled)."""
-    mod = sys.modules.get("networks")
-    if mod is not None and hasattr(mod, "loaded_networks") and hasattr(mod, "list_available_networks"):
-        return mod
-    return None
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
 
 class WebUIHost:
     name = "webui"

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, ModelError
+from .webui_base import lora_networks_module
 
 # shared.state fields process_images changes; the training run's progress bar reads them.
 STATE_KEYS = ("job", "job_no", "job_count", "sampling_step", "sampling_steps", "textinfo")
@@ -61,20 +62,15 @@ def _forget(nets: Any, stem: str, path: str) -> None:
                 entries.pop(key, None)
 
 
-def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int] | None = None, *,
+def make_preview_renderer(webui: Any, clear_networks: Callable[[Any], int], *,
                           clip_skip: int | None = None) -> Callable[[str, Sequence[Any], float], list]:
     """renderer(lora_path, specs, weight) -> one PIL image per PromptSpec, made by the WebUI's process_images
     with `<lora:STEM:weight>` added to each prompt. `clear_networks(sd_model)` puts the original weights back
-    (default: WebUIHost._clear_networks). `clip_skip`: the run's (sample_clip_skip or clip_skip), set for the
+    (the host's WebUIHost._clear_networks). `clip_skip`: the run's (sample_clip_skip or clip_skip), set for the
     previews only through the WebUI's override_settings; None leaves the WebUI's setting."""
-    if clear_networks is None:
-        from .webui import WebUIHost
-        clear_networks = WebUIHost(webui)._clear_networks
-
     def networks() -> Any:
         if webui.networks is not None:
             return webui.networks()
-        from .webui import lora_networks_module
         return lora_networks_module()
 
     def render(lora_path: str, specs: Sequence[Any], weight: float) -> list:

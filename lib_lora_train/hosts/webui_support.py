@@ -8,7 +8,8 @@ import sys
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from .webui import OPT_OUTPUT_DIR, OPT_PROJECTS_DIR, TAB_TITLE, WebUI, log
+from .webui_base import OPT_OUTPUT_DIR, OPT_PROJECTS_DIR, TAB_TITLE, WebUI, log
+from .webui_progress import _stop_asked
 
 # shared.state fields a tagger call must not change under a running job's progress display
 STATE_FIELDS = ("job", "job_no", "job_count", "textinfo", "time_start", "sampling_step", "sampling_steps",
@@ -227,7 +228,6 @@ def tool_progress(host: Any, label: str, stop: Any):
     import time
 
     from ..events import PROGRESS
-    from .webui import _stop_asked
 
     if host._session is not None:
         yield None

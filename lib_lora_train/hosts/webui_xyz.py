@@ -22,7 +22,6 @@ import io
 import math
 import os
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,14 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError, Interrupted, ModelError
 from .webui_xyz_cells import FAILED_ATTR, STATE_ATTR, guard_cells   # STATE_ATTR: what our axes wrote on a cell's p
+from .webui_xyz_lookup import (ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS, XYZ_FILES,
+                               XYZ_TITLE, lora_networks_module)
 
-EPOCH_AXIS = "LoRA epoch"
-WEIGHT_AXIS = "LoRA weight"
-XYZ_FILES = ("xyz_grid.py", "xy_grid.py")
-XYZ_TITLE = "x/y/z plot"
-ADDNET_FILE = "additional_networks.py"
-ADDNET_MODEL, ADDNET_WEIGHT = "AddNet Model 1", "AddNet Weight 1"
-PROMPT_SR = "Prompt S/R"
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 _TOKEN = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")
 
@@ -62,19 +56,6 @@ def find_xyz_script(runner: Any) -> Any:
         if title == XYZ_TITLE or os.path.basename(str(getattr(script, "filename", ""))) in XYZ_FILES:
             return script
     return None
-
-
-def find_script_module(scripts_module: Any, filename: str) -> Any:
-    for entry in getattr(scripts_module, "scripts_data", None) or []:
-        if os.path.basename(str(getattr(entry, "path", ""))) == filename:
-            return entry.module
-    return None
-
-
-def lora_networks_module() -> Any:
-    """The built-in Lora extension's `networks` module, when loaded."""
-    mod = sys.modules.get("networks")
-    return mod if mod is not None and hasattr(mod, "available_networks") else None
 
 
 # ---------------------------------------------------------------------------------------------- our LoRA files

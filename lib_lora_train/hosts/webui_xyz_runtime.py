@@ -1,6 +1,7 @@
 """What the Compare grid needs around the X/Y/Z plot script in the WebUI: the modules, the queue lock, the
 progress state, Additional Networks' model list, the WebUI's sampler names, the processing object.
-(Split from webui_xyz.py, which holds the axes, the argument builder and run_compare_grid.)"""
+(Split from webui_xyz.py, which holds the axes, the argument builder and run_compare_grid; what both use is in
+webui_xyz_lookup.py.)"""
 from __future__ import annotations
 
 import inspect
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError, ModelError
-from .webui_xyz import (ADDNET_FILE, ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS,
-                        find_script_module, lora_networks_module)
+from .webui_xyz_lookup import (ADDNET_FILE, ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS,
+                               find_script_module, lora_networks_module)
 
 JOB_NAME = "lora_train_compare"
 TRAINING_JOBS = ("lora-train", "task(lora-train")

@@ -2,7 +2,7 @@
 near-duplicates, image counts against the guide, and whether training can start.
 
 Run on import (`lint_files`), before every training and as `python -m lib_lora_train check DIR`
-(`check_dataset` / `check_path`). Files are only read; images are decoded in worker processes with the pixel
+(`check_dataset`; `project.check_path` for a project folder). Files are only read; images are decoded in worker processes with the pixel
 limit checked from the header first, so a decompression bomb or a broken file is a line in the report, never a
 crash or an out-of-memory in the caller.
 """
@@ -329,14 +329,3 @@ def lint_files(paths: Sequence[str], *, caption_extension: str = ".txt", max_pix
     report.counts = {"images": len(reports), "usable_images": n_ok, "train_images": n_ok,
                      "usable_train_images": n_ok, "captions": 0, "other": 0}
     return report
-
-
-def check_path(path: str, reg_dir: str | None = None, **kwargs) -> CheckReport:
-    """`check_dataset` for a training folder, or for a project folder (its img/ and reg/ with its purpose)."""
-    from .project import is_project, open_project
-    if is_project(path):
-        project = open_project(path)
-        kwargs.setdefault("purpose", project.purpose)
-        reg = reg_dir or (project.reg_dir if os.path.isdir(project.reg_dir) else None)
-        return check_dataset(project.train_dir, reg, **kwargs)
-    return check_dataset(path, reg_dir, **kwargs)

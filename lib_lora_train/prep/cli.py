@@ -56,7 +56,7 @@ def _size(value: str) -> tuple[int, int]:
 
 @_guard
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_path
+    from .project import check_path
     report = check_path(args.dir, args.reg, purpose=args.purpose, max_pixels=args.max_pixels,
                         min_side=args.min_side, workers=args.workers, caption_extension=args.caption_extension)
     _emit(args, report.to_dict(), report.summary_text(show_info=args.all))

@@ -21,7 +21,7 @@ from ..dataset.config import parse_folder_name
 from ..dataset.images import list_images
 from ..errors import ConfigError, DataError
 from ..fsutil import atomic_write, atomic_write_json
-from .check import GUIDANCE, lint_files
+from .check import GUIDANCE, check_dataset, lint_files
 from .preprocess import PreprocessItem, PreprocessOptions, PreprocessResult, collect_sources, preprocess
 from .repeats import RepeatSuggestion, folder_name, rename_repeats, suggest_repeats
 from .report import CheckReport
@@ -224,3 +224,13 @@ def add_reg_images(project: Project, sources: str | Sequence[str], class_name: s
 
 def project_images(project: Project) -> list[str]:
     return [p for folder in project.folders() for p in list_images(folder)]
+
+
+def check_path(path: str, reg_dir: str | None = None, **kwargs) -> CheckReport:
+    """`check_dataset` for a training folder, or for a project folder (its img/ and reg/ with its purpose)."""
+    if is_project(path):
+        project = open_project(path)
+        kwargs.setdefault("purpose", project.purpose)
+        reg = reg_dir or (project.reg_dir if os.path.isdir(project.reg_dir) else None)
+        return check_dataset(project.train_dir, reg, **kwargs)
+    return check_dataset(path, reg_dir, **kwargs)

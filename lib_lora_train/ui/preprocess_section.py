@@ -7,6 +7,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..prep.preprocess import PreprocessOptions
 from .context import Result, UIContext
+from .data_views import refresh_after_data_change
 
 BACKGROUNDS = ("white", "black")
 MODES = {"keep aspect ratio": "bucket", "center crop": "center", "focal crop": "focal"}
@@ -34,7 +35,6 @@ def run_again(ctx: UIContext, project_name: str, *pp_values: Any) -> Result:
     if active_job(ctx, project.name) is not None:
         raise ConfigError("a run of this project is training; preprocess after it ends (or stop it)")
     results = reprocess_project(project, preprocess_options(*pp_values))
-    from .tab import refresh_after_data_change
     out = refresh_after_data_change(ctx, project.name)
     out["pp_status"] = summary_text(project, results)
     return out

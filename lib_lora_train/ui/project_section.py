@@ -6,14 +6,16 @@ import os
 from typing import Any
 
 from ..errors import ConfigError
-from ..prep.check import check_path
-from ..prep.project import create_project as prep_create_project, import_images, is_project, open_project
+from ..prep.project import check_path, import_images, is_project, open_project
+from ..prep.project import create_project as prep_create_project
 from ..prep.report import ERROR, WARNING, CheckReport
 from . import form_store
 from .common import cache_dir, gallery, get_project, project_names
 from .compat import file_paths, update
 from .context import Result, UIContext
+from .data_views import refresh_after_data_change
 from .preprocess_section import preprocess_options
+from .views import open_view
 
 PURPOSE_CHOICES = ("character", "style", "concept")
 MAX_ISSUES_SHOWN = 60
@@ -73,7 +75,6 @@ def create(ctx: UIContext, name: str, trigger: str, purpose: str) -> Result:
         message = f"created project '{project.name}' in {project.root}"
     if purpose:
         form_store.save_form(project.root, {"purpose": purpose})
-    from .tab import open_view
     result = open_view(ctx, project.name)
     result["proj_status"] = message
     return result
@@ -104,7 +105,6 @@ def _import(ctx: UIContext, project_name: str, sources: Any, recursive: bool, pp
            f" ({len(res.preprocess.skipped)} skipped)")
     if res.suggestion is not None:
         msg += f"; {res.suggestion.repeats} repeats suggested: {res.suggestion.reason}"
-    from .tab import refresh_after_data_change
     out = refresh_after_data_change(ctx, project.name)
     out.update(view)
     out["proj_status"] = msg

@@ -1,4 +1,4 @@
-"""The "Train LoRA" tab: its sections in order, and what opening a project shows in all of them.
+"""The "Train LoRA" tab: its sections in order and their wiring (what opening a project shows: ui/views.py).
 
 `build_tab(host, jobs)` returns a gr.Blocks that is never launched here: the WebUI renders it as a tab
 (`on_ui_tabs`), the standalone page (ui/app.py) inside its own Blocks.
@@ -11,68 +11,11 @@ from ..hosts.base import Host
 from ..jobs import JobManager
 from . import form_store, history_section, params_section, preprocess_section, project_section, tags_section
 from . import regimages_section, train_section
-from .common import get_project, project_names
-from .compat import update
+from .common import get_project
 from .context import Result, UIContext
 from .i18n import load as load_lang, translate_blocks, translator
-from .presets import FORM_KEYS
-from .preprocess_section import PP_DEFAULTS, PP_KEYS
-from .tags_section import TAG_KEYS
-
-TAG_DEFAULTS = {"tag_tagger": "no tagger", "tag_model": "", "tag_csv": "", "tag_threshold": 0.35,
-                "tag_existing": "replace"}
-OPTION_KEYS = ["import_path"] + PP_KEYS + TAG_KEYS + regimages_section.REG_KEYS   # saved with the form
-DATA_OUTPUTS = tags_section.VIEW_KEYS + params_section.ESTIMATE_KEYS
-OPEN_OUTPUTS = (["project", "base_model", "trigger", "purpose", "preset"] + OPTION_KEYS + list(FORM_KEYS)
-                + params_section.ESTIMATE_KEYS + tags_section.VIEW_KEYS + ["tag_filter", "tag_status", "tag_selected"]
-                + history_section.VIEW_KEYS + ["history_status"] + train_section.VIEW_KEYS
-                + ["check_report", "check_gallery", "pp_status"])
-
-
-def _resolution(ctx: UIContext) -> int:
-    try:
-        return int(str(ctx.host.base_config().get("resolution", 512)).split(",")[0])
-    except ValueError:
-        return 512
-
-
-def open_view(ctx: UIContext, name: str | None) -> Result:
-    """Everything the tab shows for project `name` (None: no project): used on page load, on opening and on
-    creating a project. Remembers the project as the one open last."""
-    names = project_names(ctx)
-    out: Result = {"project": update(choices=names, value=name if name in names else None),
-                   "base_model": ctx.host.checkpoint_label()}   # the WebUI loads its model after the tab is built
-    if name not in names:
-        name = None
-    out.update(train_section.job_view(ctx, train_section.job_for(ctx, name)))
-    out.update(history_section.view(ctx, name))
-    out.update(tags_section.view(ctx, name))
-    out.update({"tag_filter": "", "tag_status": "", "tag_selected": "", "check_report": "", "check_gallery": [],
-                "pp_status": "", "history_status": ""})
-    if name is None:
-        out.update(params_section.estimate(ctx, None, {}))
-        return out
-    project = get_project(ctx, name)
-    form_store.set_last_project(ctx.host.paths.projects, project.name)
-    saved = form_store.load_form(project.root)
-    out.update({"trigger": project.trigger, "purpose": saved.get("purpose") or project.purpose or "concept"})
-    options = dict(PP_DEFAULTS, pp_resolution=_resolution(ctx) if _resolution(ctx) % 64 == 0 else 512)
-    options.update(TAG_DEFAULTS)
-    options.update(regimages_section.REG_DEFAULTS)
-    options["import_path"] = ""
-    options.update({k: v for k, v in saved.items() if k in OPTION_KEYS})
-    out.update(options)
-    out.update(params_section.form_view(ctx, project))
-    out.setdefault("preset", None)
-    return out
-
-
-def refresh_after_data_change(ctx: UIContext, name: str) -> Result:
-    """After images changed (import, preprocess): the tag views and the steps formula."""
-    out = tags_section.view(ctx, name)
-    project = get_project(ctx, name)
-    out.update(params_section.estimate(ctx, name, params_section.form_for_project(ctx, project)))
-    return out
+from .preprocess_section import PP_KEYS
+from .views import DATA_OUTPUTS, OPEN_OUTPUTS, OPTION_KEYS, open_view, resolution_of
 
 
 def on_load(ctx: UIContext) -> Result:
@@ -112,7 +55,7 @@ def build_tab(host: Host, jobs: JobManager, *, lang: str | None = None) -> Any:
                     if key == "project":
                         project_section.build(ctx)
                     elif key == "preprocess":
-                        preprocess_section.build(ctx, _resolution(ctx) if _resolution(ctx) % 64 == 0 else 512)
+                        preprocess_section.build(ctx, resolution_of(ctx) if resolution_of(ctx) % 64 == 0 else 512)
                     elif key == "tags":
                         tags_section.build(ctx)
                     elif key == "params":
