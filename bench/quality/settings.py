@@ -183,3 +183,19 @@ for _ep, _tag in ((16, ""), (20, "-e20")):
         register(Setting(f"recipe-b8-2e3-pw2{_tag}-seed{_seed}",
                          f"recipe-b8-2e3 with prior_loss_weight 2, {_ep} epochs, training seed {_seed}", repeats=8,
                          keys=_recipe(2e-3, 8, _ep, seed=_seed, prior_loss_weight=2.0), reg=True))
+
+# Fourth round (2026-12-07, evening): the concept preset's recipe with Prodigy instead of a fixed AdamW rate. Prodigy
+# estimates its own step size, so values found on this 12.5 MiB base would carry to full-size models with less risk
+# than a fixed 2e-3; the question is whether it learns as well and keeps the prior.
+for _seed in (0, 1, 2):
+    register(Setting(f"concept-prodigy-reg-seed{_seed}", f"preset \"concept\" with Prodigy (lr 1.0, safe settings) "
+                     f"instead of AdamW 2e-3, 48 class images, training seed {_seed}", preset="concept",
+                     keys={**PRODIGY, "text_encoder_lr": 0, "seed": _seed}, reg=True))
+for _d in (2, 4):
+    register(Setting(f"concept-prodigy-d{_d}-reg", f"concept-prodigy-reg-seed0 with d_coef {_d} (a larger estimated "
+                     f"step)", preset="concept", reg=True,
+                     keys={**PRODIGY, "text_encoder_lr": 0, "optimizer_args": [
+                         f"d_coef={_d}.0" if a.startswith("d_coef") else a for a in PRODIGY["optimizer_args"]]}))
+for _seed in (1, 2):
+    register(Setting(f"concept-prodigy-d4-reg-seed{_seed}", f"concept-prodigy-d4-reg, training seed {_seed}",
+                     preset="concept", reg=True, keys={**SETTINGS["concept-prodigy-d4-reg"].keys, "seed": _seed}))
