@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError, Interrupted, ModelError
 from .webui_xyz_cells import FAILED_ATTR, STATE_ATTR, guard_cells   # STATE_ATTR: what our axes wrote on a cell's p
-from .webui_xyz_lookup import (ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS, XYZ_FILES,
-                               XYZ_TITLE, lora_networks_module)
+from .webui_base import lora_networks_module
+from .webui_xyz_lookup import ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS, XYZ_FILES, XYZ_TITLE
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
 _TOKEN = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")

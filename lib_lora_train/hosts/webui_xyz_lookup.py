@@ -1,9 +1,9 @@
 """What the X/Y/Z modules share (webui_xyz: the axes and the Compare grid; webui_xyz_runtime: what the grid needs
-around the script): the axis labels ours and others' add, and finding a script's module and the built-in Lora's."""
+around the script): the axis labels ours and others' add, and finding a script's module (the built-in Lora's
+module is found by webui_base.lora_networks_module, as for the host)."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 EPOCH_AXIS = "LoRA epoch"
@@ -20,9 +20,3 @@ def find_script_module(scripts_module: Any, filename: str) -> Any:
         if os.path.basename(str(getattr(entry, "path", ""))) == filename:
             return entry.module
     return None
-
-
-def lora_networks_module() -> Any:
-    """The built-in Lora extension's `networks` module, when loaded."""
-    mod = sys.modules.get("networks")
-    return mod if mod is not None and hasattr(mod, "available_networks") else None

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError, ModelError
+from .webui_base import lora_networks_module
 from .webui_xyz_lookup import (ADDNET_FILE, ADDNET_MODEL, ADDNET_WEIGHT, EPOCH_AXIS, PROMPT_SR, WEIGHT_AXIS,
-                               find_script_module, lora_networks_module)
+                               find_script_module)
 
 JOB_NAME = "lora_train_compare"
 TRAINING_JOBS = ("lora-train", "task(lora-train")
