@@ -1,7 +1,7 @@
 """What a training run adds to a host's resident memory (RSS), with the engine alone: the model is loaded once
 and held as a WebUI holds it, and each run is a job in a worker thread on that model, as in the WebUI.
 
-Per run: the RSS before, its peak (sampled every 10 ms from /proc/self/status), after the run and after the
+Per run: the RSS before, its peak (the kernel's high-water mark, reset at the run's start), after the run and after the
 job manager's hand-back of freed memory (lib_lora_train/heap.py); in GiB and as a share of the model's weights.
 The allocator decides much of it (README "Performance", "Inside the WebUI"), so run it under each:
 
@@ -36,13 +36,9 @@ from lib_lora_train.config import config_from_dict  # noqa: E402
 from lib_lora_train.heap import release_free_memory  # noqa: E402
 from lib_lora_train.models import load_sd_model  # noqa: E402
 from lib_lora_train.training.loop import train  # noqa: E402
+from train_step import Memory  # noqa: E402  (bench/: the same peak reading as make bench)
 
-GIB = 1024 ** 3
-
-
-def rss() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+MIB_PER_GIB = 1024.0
 
 
 def write_images(folder: str, n: int = 8, side: int = 64) -> None:
@@ -55,33 +51,25 @@ def write_images(folder: str, n: int = 8, side: int = 64) -> None:
 
 
 def one_run(cfg, model) -> dict:
-    base = rss()
-    peak, done = [base], threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.01)
-
-    out: dict = {}
+    """The run in a worker thread as the WebUI's job manager runs it; the peak is the kernel's RSS high-water mark
+    from the run's start (train_step.Memory), the rest RSS in MiB."""
+    mem, out = Memory(torch.device("cpu")), {}
 
     def job() -> None:
         t0 = time.time()
         train(cfg, model=model)
         out["seconds"] = time.time() - t0
         gc.collect()
-        out["after"] = rss()
+        out["after"] = Memory.rss_mb()
         release_free_memory()
-        out["after_release"] = rss()
+        out["after_release"] = Memory.rss_mb()
 
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
+    mem.start()
     worker = threading.Thread(target=job)
     worker.start()
     worker.join()
-    done.set()
-    watcher.join()
-    return {"before": base, "peak": peak[0], **out}
+    mem.stop()
+    return {"before": mem.base_mb, "peak": mem.base_mb + mem.peak_mb, "method": mem.method, **out}
 
 
 def main(argv=None) -> None:
@@ -100,7 +88,7 @@ def main(argv=None) -> None:
                   for p in part.parameters())
     gc.collect()
     release_free_memory()
-    print(f"allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}; weights {weights / GIB:.2f} GiB; "
+    print(f"allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}; weights {weights / 2 ** 30:.2f} GiB; "
           f"options {extra or 'defaults'}")
     with tempfile.TemporaryDirectory() as tmp:
         write_images(f"{tmp}/data/1_x")
@@ -112,9 +100,9 @@ def main(argv=None) -> None:
                 "cache_latents": True, "device": "cpu", "seed": 0, **extra})
             m = one_run(cfg, model)
             add = m["peak"] - m["before"]
-            print(f"run {r + 1}: peak +{add / GIB:.2f} GiB ({add / weights:.0%} of the weights), after the run "
-                  f"+{(m['after'] - m['before']) / GIB:.2f}, after the hand-back "
-                  f"+{(m['after_release'] - m['before']) / GIB:.2f}, {m['seconds']:.1f} s", flush=True)
+            print(f"run {r + 1}: peak +{add / MIB_PER_GIB:.2f} GiB ({add * 2 ** 20 / weights:.0%} of the weights; "
+                  f"{m['method']}), after the run +{(m['after'] - m['before']) / MIB_PER_GIB:.2f}, after the hand-back "
+                  f"+{(m['after_release'] - m['before']) / MIB_PER_GIB:.2f}, {m['seconds']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
