@@ -52,6 +52,9 @@ def test_held_out_shapes_colours_and_renderings_read_right():
         outline = classify(draw_outline(shape, world.COLOURS[fill], world.COLOURS[bg], size=max(size, 0.62),
                                         cx=cx, cy=cy))
         wrong["hollow"] += not outline.hollow
+        thin = classify(draw_outline(shape, world.COLOURS[fill], world.COLOURS[bg], size=max(size, 0.62),
+                                     cx=cx, cy=cy, width=0.07))       # the first, thinner line reads hollow too
+        wrong["thin outline"] += not thin.hollow
         wrong["outline colour"] += outline.colour != fill
         if bg not in ("yellow", "blue"):
             fig = classify(draw_figure(world.COLOURS[bg], size=max(size, 0.6), cx=cx, cy=cy))

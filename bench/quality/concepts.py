@@ -6,7 +6,8 @@ the tiny base model (pre-trained on the world only) has never seen it:
 - zkz  (a new object):      a magenta five-pointed star; the demo's toy concept;
 - vlx  (a new colour):      "vlx" is an orange colour, taught on the world's known shapes ("vlx square");
 - pxp  (a character):       a two-part figure, a yellow circle head on a blue square body;
-- hllw (a style):           outlined (hollow) shapes in the world's colours ("hllw style, red circle, ...").
+- hllw (a style):           outlined (hollow) shapes in the world's colours ("red circle, ..., hllw style"; the
+                            trigger last: see _hllw).
 
 Prompts without the trigger (PRIOR_PROMPTS) are the same for every concept: world prompts whose answer the
 base model knows. Their readings give leakage (they show the concept) and prior fidelity (they show what
@@ -28,6 +29,10 @@ from classify import Reading
 ORANGE = (245, 135, 25)
 N_IMAGES = 12
 BACKGROUNDS = ("white", "blue", "yellow", "green", "black")
+# The outline style's line width, a fraction of the image (0.09 = 5.8 px at 64 px). The first width, 0.07 (4.5 px,
+# about half of one 8 px latent cell), came back from the base's autoencoder as an outline in only 7 of 24
+# pictures: the benchmark measured the autoencoder there, not the training (bench/results_quality.md, fifth round).
+OUTLINE_WIDTH = 0.09
 
 PRIOR_PROMPTS = ("red circle, white background", "blue square, yellow background",
                  "green triangle, black background", "yellow circle, blue background")
@@ -59,7 +64,7 @@ def _place(rng: np.random.Generator, lo: float = 0.5, hi: float = 0.75) -> tuple
 
 
 def draw_outline(shape: str, fill, background, *, size: float, cx: float, cy: float,
-                 width: float = 0.07, image_size: int = world.IMAGE_SIZE) -> Image.Image:
+                 width: float = OUTLINE_WIDTH, image_size: int = world.IMAGE_SIZE) -> Image.Image:
     """A world shape as an outline: the shape, then the background drawn over its inside."""
     solid = world.draw_shape(shape, fill, background, size=size, cx=cx, cy=cy, image_size=image_size * 4)
     inner = world.draw_shape(shape, background, fill, size=size - 2 * width - (0.08 if shape == "triangle" else 0),
@@ -131,6 +136,10 @@ def _pxp(n: int, seed: int):
 
 
 def _hllw(n: int, seed: int):
+    # The style's trigger ends the caption. The tiny base's 3-layer text encoder, trained on one caption template,
+    # stops reading the colour word after any unknown prefix (the base draws "hllw style, red circle, ..." white
+    # in most seeds); its causal attention leaves the words before a trigger exactly as the base reads them. Real
+    # CLIP encoders read a style tag anywhere; at the front the benchmark measured this encoder, not the training.
     rng = np.random.default_rng(seed)
     names = list(world.COLOURS)
     out = []
@@ -140,7 +149,7 @@ def _hllw(n: int, seed: int):
         bg = [c for c in names if c != colour][int(rng.integers(len(names) - 1))]
         size, cx, cy = _place(rng, 0.62, 0.8)
         out.append((draw_outline(shape, world.COLOURS[colour], world.COLOURS[bg], size=size, cx=cx, cy=cy),
-                    f"hllw style, {colour} {shape}, {bg} background"))
+                    f"{colour} {shape}, {bg} background, hllw style"))
     return out
 
 
@@ -160,7 +169,7 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
             lambda r, p: r.top_colour == "yellow" and r.bottom_colour == "blue",
             lambda r: r.top_colour == "yellow" and r.bottom_colour == "blue"),
     Concept("hllw", "style (outlined rendering)", "hllw style", "outlined instead of filled shapes",
-            ("hllw style, red circle, white background", "hllw style, green square, black background"), _hllw,
-            lambda r, p: r.hollow and r.colour == parse_prompt(p.split(",", 1)[1])[0],
+            ("red circle, white background, hllw style", "green square, black background, hllw style"), _hllw,
+            lambda r, p: r.hollow and r.colour == parse_prompt(p)[0],
             lambda r: r.hollow),
 )}

@@ -83,7 +83,7 @@ def write_reg(root: Path, n: int = 48) -> Path:
 def train_setting(setting: Setting, concept, work: Path, reuse: bool = False) -> tuple[str, dict]:
     from lib_lora_train.config import config_from_dict
     from lib_lora_train.training.loop import train
-    data = write_dataset(work / "data", concept, setting.folder_repeats())
+    data = write_dataset(work / "data", concept, setting.folder_repeats(), setting.images)
     values = dict(setting.run_values(), pretrained_model_name_or_path=str(BASE), train_data_dir=str(data),
                   output_dir=str(work / "lora"), output_name="bench")
     if setting.reg:

@@ -24,6 +24,7 @@ class Setting:
     keys: dict[str, Any] = field(default_factory=dict)
     repeats: int | None = None           # None: the preset's suggestion (1 without a preset)
     reg: bool = False                    # prior preservation: world images of the class in reg_data_dir
+    images: int = 12                     # training images of the concept (a style's datasets are larger)
     ablation_of: str | None = None
 
     def folder_repeats(self) -> int:
@@ -199,3 +200,94 @@ for _d in (2, 4):
 for _seed in (1, 2):
     register(Setting(f"concept-prodigy-d4-reg-seed{_seed}", f"concept-prodigy-d4-reg, training seed {_seed}",
                      preset="concept", reg=True, keys={**SETTINGS["concept-prodigy-d4-reg"].keys, "seed": _seed}))
+
+# Fifth round (issue 13, 2026-12-07 night): the `character` and `style` presets on the concept preset's recipe
+# (AdamW 2e-3 cosine over 8 images per update, min-SNR 5, prior preservation at weight 2), each keeping what makes
+# it that preset (character: 10 repeats, clip skip 2 on SD 1.x, the trigger kept first; style: 5 repeats, no kept
+# token, a larger network).
+_RECIPE5 = {"optimizer_type": "AdamW", "optimizer_args": [], "learning_rate": 2e-3, "unet_lr": 2e-3,
+            "lr_scheduler": "cosine", "train_batch_size": 4, "gradient_accumulation_steps": 2, "min_snr_gamma": 5,
+            "prior_loss_weight": 2.0, "network_train_unet_only": True, "text_encoder_lr": 0}
+CHARACTER_CAND = {**_RECIPE5, "network_dim": 32, "network_alpha": 16, "max_train_epochs": 20}
+STYLE_CAND = {**_RECIPE5, "network_dim": 64, "network_alpha": 32, "max_train_epochs": 32}
+for _s in (
+    Setting("character-c1", "preset \"character\" on the concept recipe: dim 32/16, U-Net only, 20 epochs",
+            preset="character", keys=CHARACTER_CAND, reg=True),
+    Setting("character-c1-te", "character-c1 with the text encoder trained at 1e-4", preset="character",
+            keys={**CHARACTER_CAND, "network_train_unet_only": False, "text_encoder_lr": 1e-4}, reg=True),
+    Setting("style-c1", "preset \"style\" on the concept recipe: dim 64/32, U-Net only, 32 epochs",
+            preset="style", keys=STYLE_CAND, reg=True),
+):
+    register(_s)
+# The colour word (vlx): is 0.31 too little training or a pull back to the known colours?
+for _s in (
+    Setting("concept-reg-e48", "concept-reg with 48 epochs instead of 24 (twice the updates)", preset="concept",
+            keys={"max_train_epochs": 48}, reg=True, ablation_of="concept-reg"),
+    Setting("concept-reg-pw1", "concept-reg with prior_loss_weight 1 instead of 2", preset="concept",
+            keys={"prior_loss_weight": 1.0}, reg=True, ablation_of="concept-reg"),
+):
+    register(_s)
+register(Setting("character-c1-e30", "character-c1 with 30 epochs instead of 20", preset="character",
+                 keys={**CHARACTER_CAND, "max_train_epochs": 30}, reg=True, ablation_of="character-c1"))
+register(Setting("style-c1-kt1", "style-c1 with the first caption part kept in place (keep_tokens 1)",
+                 preset="style", keys={**STYLE_CAND, "keep_tokens": 1}, reg=True, ablation_of="style-c1"))
+register(Setting("style-c1-cs1", "style-c1 with clip skip 1 instead of 2", preset="style",
+                 keys={**STYLE_CAND, "clip_skip": 1}, reg=True, ablation_of="style-c1"))
+# The colour word's samples spread over every hue from red to yellow (bench/results_quality.md): a low-frequency
+# signal, which noise offset and multi-resolution (pyramid) noise are meant to let a model learn.
+for _s in (
+    Setting("concept-reg-noff", "concept-reg with noise_offset 0.1", preset="concept",
+            keys={"noise_offset": 0.1}, reg=True, ablation_of="concept-reg"),
+    Setting("concept-reg-mres", "concept-reg with multires noise (6 iterations, discount 0.3)", preset="concept",
+            keys={"multires_noise_iterations": 6, "multires_noise_discount": 0.3}, reg=True,
+            ablation_of="concept-reg"),
+):
+    register(_s)
+# A style is taught from more pictures than a character (the preset's description: 50 to 80): with 12 the outline
+# style is learned but the prompt's colour and background are lost (every prompt draws the same outline).
+for _s in (
+    Setting("style-c1-48", "style-c1 on 48 pictures of the style instead of 12, 8 epochs (the same updates)",
+            preset="style", keys={**STYLE_CAND, "max_train_epochs": 8}, reg=True, images=48),
+    Setting("concept-reg-48", "concept-reg on 48 pictures instead of 12, 6 epochs (the same updates)",
+            preset="concept", keys={"max_train_epochs": 6}, reg=True, images=48),
+):
+    register(_s)
+register(Setting("concept-reg-noff2", "concept-reg with noise_offset 0.2", preset="concept",
+                 keys={"noise_offset": 0.2}, reg=True, ablation_of="concept-reg"))
+register(Setting("character-c1-noff", "character-c1 with noise_offset 0.1", preset="character",
+                 keys={**CHARACTER_CAND, "noise_offset": 0.1}, reg=True, ablation_of="character-c1"))
+register(Setting("style-c1-noshuf", "style-c1 with the captions in their written order (no shuffling)",
+                 preset="style", keys={**STYLE_CAND, "shuffle_caption": False}, reg=True, ablation_of="style-c1"))
+register(Setting("concept-reg-48-noff", "concept-reg-48 with noise_offset 0.1", preset="concept",
+                 keys={"max_train_epochs": 6, "noise_offset": 0.1}, reg=True, images=48))
+for _seed in (1, 2):
+    register(Setting(f"character-c1-seed{_seed}", f"character-c1, training seed {_seed}", preset="character",
+                     keys={**CHARACTER_CAND, "seed": _seed}, reg=True))
+STYLE_NOSHUF = {**STYLE_CAND, "shuffle_caption": False}
+for _s in (
+    Setting("style-c1-noshuf-e64", "style-c1-noshuf with 64 epochs instead of 32", preset="style",
+            keys={**STYLE_NOSHUF, "max_train_epochs": 64}, reg=True, ablation_of="style-c1-noshuf"),
+    Setting("style-c1-noshuf-d128", "style-c1-noshuf at the style preset's dim 128 / alpha 64", preset="style",
+            keys={**STYLE_NOSHUF, "network_dim": 128, "network_alpha": 64}, reg=True, ablation_of="style-c1-noshuf"),
+    Setting("style-c1-noshuf-pw1", "style-c1-noshuf with prior_loss_weight 1", preset="style",
+            keys={**STYLE_NOSHUF, "prior_loss_weight": 1.0}, reg=True, ablation_of="style-c1-noshuf"),
+):
+    register(_s)
+register(Setting("character-c1-noreg", "character-c1 without the regularisation images", preset="character",
+                 keys=CHARACTER_CAND, ablation_of="character-c1"))
+register(Setting("style-c1-noshuf-48", "style-c1-noshuf on 48 pictures, 8 epochs (the same updates)", preset="style",
+                 keys={**STYLE_NOSHUF, "max_train_epochs": 8}, reg=True, images=48, ablation_of="style-c1-noshuf"))
+# The tuned presets as users get them (builtin.toml after the fifth round), with the class images they ask for.
+for _s in (
+    Setting("character-reg", "preset \"character\" (sd1 values, 64 px) with 48 class images (world scenes)",
+            preset="character", reg=True),
+    Setting("style-reg", "preset \"style\" (sd1 values, 64 px) with 48 class images (world scenes)",
+            preset="style", reg=True),
+):
+    register(_s)
+register(Setting("style-reg-48", "preset \"style\" with 48 class images, on 48 pictures of the style (its suggested "
+                 "dataset size; 32 epochs, four times style-reg's updates)", preset="style", reg=True, images=48))
+for _seed in (0, 1, 2):
+    register(Setting(f"character-e24-seed{_seed}", f"preset \"character\" with 24 epochs instead of 20 (as `concept`), "
+                     f"48 class images, training seed {_seed}", preset="character",
+                     keys={"max_train_epochs": 24, "seed": _seed}, reg=True, ablation_of="character-reg"))
