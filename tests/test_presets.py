@@ -84,14 +84,20 @@ def test_api_config_takes_a_preset(tmp_path):
     assert cfg.network_dim == 128 and cfg.network_alpha == 8 and cfg.resolution == "64"
 
 
-def test_concept_preset_is_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_path):
-    """The "concept" preset as bench/quality runs it (its sd1 values, its suggested repeats, a dozen images and a
+# name: (updates on 12 pictures + 48 class images at the preset's own repeats and epochs, shuffled captions)
+BENCHMARKED = {"concept": (576, True), "character": (600, True), "style": (480, False)}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKED))
+def test_purpose_presets_are_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_path, name):
+    """Each purpose preset as bench/quality runs it (its sd1 values, its suggested repeats, a dozen images and a
     regularisation folder): a few hundred optimizer updates of 8 images each, with the techniques the benchmark
-    credits (bench/results_quality.md) switched on."""
+    credits (bench/results_quality.md) switched on, in every family."""
     from PIL import Image
     from lib_lora_train.training.data_setup import plan_for_config
-    p = presets.builtin()["concept"]
-    assert "regularisation images" in p.describe("sd1") and "regularisation images" in p.describe("sdxl")
+    p = presets.builtin()[name]
+    updates, shuffled = BENCHMARKED[name]
+    assert all("regularisation images" in p.describe(f) for f in presets.FAMILIES), name
     data, reg = tmp_path / "data" / f"{p.repeats}_zkz", tmp_path / "reg" / "1_world"
     for folder, n in ((data, 12), (reg, 48)):
         folder.mkdir(parents=True)
@@ -99,13 +105,14 @@ def test_concept_preset_is_the_benchmarked_recipe_in_a_few_hundred_updates(tmp_p
             Image.new("RGB", (64, 64), (i * 5, 40, 200 - i)).save(folder / f"{i:03d}.png")
             (folder / f"{i:03d}.txt").write_text(f"zkz, picture {i}\n", encoding="utf-8")
     for family in presets.FAMILIES:
-        cfg = config_from_dict({"preset": f"{family}-concept", "resolution": "64", "cache_latents": True,
+        cfg = config_from_dict({"preset": f"{family}-{name}", "resolution": "64", "cache_latents": True,
                                 "pretrained_model_name_or_path": "base.safetensors", "output_dir": str(tmp_path),
                                 "train_data_dir": str(data.parent), "reg_data_dir": str(reg.parent)})
         assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 8, family   # images per update
         assert cfg.min_snr_gamma == 5 and cfg.network_train_unet_only and cfg.prior_loss_weight == 2, family
-        # 12 images x 8 repeats + as many regularisation samples, 24 epochs, 8 per update: 576 updates
-        assert plan_for_config(cfg, num_processes=1).total_steps == 576, family
+        assert cfg.shuffle_caption is shuffled, family
+        # 12 images x repeats + as many regularisation samples, x epochs, 8 per update
+        assert plan_for_config(cfg, num_processes=1).total_steps == updates, family
 
 
 def test_a_prior_loss_weight_without_regularisation_images_is_reported(tmp_path):

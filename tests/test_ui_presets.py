@@ -11,7 +11,7 @@ from lib_lora_train.ui.presets import (FIELDS, FORM_KEYS, NETWORK_TYPES, apply_p
 
 def test_presets_in_plain_numbers():
     character = form_preset("character")
-    assert character["network_dim"] == 32 and character["network_alpha"] == 32
+    assert character["network_dim"] == 32 and character["network_alpha"] == 16 and character["unet_lr"] == 2e-3
     assert character["clip_skip"] == 2 and character["repeats"] == 10
     assert form_preset("style")["network_dim"] == 128
     assert preset_names("sd1")[:3] == ["character", "style", "concept"] and "sdxl-8gb" not in preset_names("sd1")
