@@ -85,7 +85,7 @@ def test_api_config_takes_a_preset(tmp_path):
 
 
 # name: (updates on 12 pictures + 48 class images at the preset's own repeats and epochs, shuffled captions)
-BENCHMARKED = {"concept": (576, True), "character": (600, True), "style": (480, False)}
+BENCHMARKED = {"concept": (576, True), "character": (720, True), "style": (480, False)}
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKED))
