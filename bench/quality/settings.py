@@ -291,3 +291,14 @@ for _seed in (0, 1, 2):
     register(Setting(f"character-e24-seed{_seed}", f"preset \"character\" with 24 epochs instead of 20 (as `concept`), "
                      f"48 class images, training seed {_seed}", preset="character",
                      keys={"max_train_epochs": 24, "seed": _seed}, reg=True, ablation_of="character-reg"))
+# Input perturbation noise (ip_noise_gamma, Ning et al. 2023): training on slightly perturbed noisy inputs, for
+# samplers that start from noise the model handles badly (the figure's noisy seeds).
+for _s in (
+    Setting("character-ipn", "preset \"character\" + class images, ip_noise_gamma 0.1", preset="character",
+            keys={"ip_noise_gamma": 0.1}, reg=True, ablation_of="character-reg"),
+    Setting("concept-reg-ipn", "concept-reg with ip_noise_gamma 0.1", preset="concept", keys={"ip_noise_gamma": 0.1},
+            reg=True, ablation_of="concept-reg"),
+    Setting("style-ipn", "preset \"style\" + class images, ip_noise_gamma 0.1", preset="style",
+            keys={"ip_noise_gamma": 0.1}, reg=True, ablation_of="style-reg"),
+):
+    register(_s)
