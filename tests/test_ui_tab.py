@@ -86,10 +86,12 @@ def test_steps_formula_follows_the_form_and_persists(ui):
     blocks, ctx, toy, _ = ui
     new_project(ctx, toy, "beta")
     out = params_section.changed(ctx, "beta", *form(ctx, repeats=3, train_batch_size=2, max_train_epochs=2))
-    # 4 images x 3 repeats = 12 samples -> 6 batches of 2, x 2 epochs
-    assert out["steps_text"].startswith("12 steps:") and "4 images × 3 repeats" in out["steps_text"]
+    # 4 images x 3 repeats = 12 samples -> 6 batches of 2 -> 3 updates of 2 batches (the default preset's
+    # gradient accumulation), x 2 epochs
+    assert out["steps_text"].startswith("6 steps:") and "4 images × 3 repeats" in out["steps_text"]
+    assert "grad-accum 2" in out["steps_text"]
     out = params_section.changed(ctx, "beta", *form(ctx, repeats=3, train_batch_size=2, max_train_epochs=5))
-    assert out["steps_text"].startswith("30 steps:")
+    assert out["steps_text"].startswith("15 steps:")
     assert "No speed measured yet" in out["eta_text"]
     bad = params_section.changed(ctx, "beta", *form(ctx, network_dim="x"))
     assert bad["steps_text"].startswith("error:") and "Network dim" in bad["steps_text"]
@@ -103,7 +105,8 @@ def test_steps_formula_follows_the_form_and_persists(ui):
     assert (loaded["max_train_epochs"], loaded["seed"], loaded["sample_prompts"]) == (5, 1234, "a cat")
     assert (loaded["pp_background"], loaded["pp_mode"], loaded["pp_flip"], loaded["import_path"]) == \
         ("black", "center crop", True, "/some/folder")
-    assert loaded["steps_text"].startswith("30 steps")
+    # saved with the form's default batch (the character preset's 4): 12 samples -> 3 batches -> 2 updates x 5
+    assert loaded["steps_text"].startswith("10 steps")
     assert form_store.last_project(ctx.host.paths.projects) == "beta"
 
 
@@ -154,7 +157,8 @@ def test_preprocess_again_keeps_edited_captions(ui):
 def test_train_poll_history_notes_delete(ui):
     _, ctx, toy, root = ui
     new_project(ctx, toy, "zeta")
-    values = form(ctx, repeats=1, train_batch_size=2, max_train_epochs=1, network_dim=4, network_alpha=4,
+    # 4 images / batch 2, 2 batches per update (the default preset's accumulation), 2 epochs: 2 steps, a loss line
+    values = form(ctx, repeats=1, train_batch_size=2, max_train_epochs=2, network_dim=4, network_alpha=4,
                   save_every_n_epochs=0)
     out = train_section.start(ctx, "zeta", *values)
     assert out["train_status"].startswith(("queued", "running"))
@@ -182,7 +186,7 @@ def test_train_poll_history_notes_delete(ui):
     history_section.save_notes(ctx, "zeta", "zeta", "good at 0.8")
     assert history_section.pick(ctx, "zeta", "zeta")["history_notes"] == "good at 0.8"
     loaded = history_section.load_params(ctx, "zeta", "zeta", *form(ctx))
-    assert loaded["network_dim"] == 4 and loaded["max_train_epochs"] == 1 and loaded["repeats"] == 1
+    assert loaded["network_dim"] == 4 and loaded["max_train_epochs"] == 2 and loaded["repeats"] == 1
     ask = history_section.ask_delete(ctx, "zeta", "zeta")
     assert "zeta.safetensors" in ask["history_status"] and ask["history_pending"] == "zeta"
     refused = history_section.confirm_delete(ctx, "zeta", "zeta", "")
