@@ -302,3 +302,10 @@ for _s in (
             keys={"ip_noise_gamma": 0.1}, reg=True, ablation_of="style-reg"),
 ):
     register(_s)
+for _s in (
+    Setting("style-te", "preset \"style\" + class images, the text encoder trained too at 1e-4", preset="style",
+            keys={"network_train_unet_only": False, "text_encoder_lr": 1e-4}, reg=True, ablation_of="style-reg"),
+    Setting("style-3e3", "preset \"style\" + class images at learning rate 3e-3", preset="style",
+            keys={"learning_rate": 3e-3, "unet_lr": 3e-3}, reg=True, ablation_of="style-reg"),
+):
+    register(_s)
