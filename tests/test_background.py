@@ -94,3 +94,40 @@ def test_a_program_ending_during_a_job_stops_it_with_a_state_and_drops_the_queue
     lines = out.stdout.splitlines()
     assert lines[0] == "running: running" and sorted(lines[1:]) == [
         "first interrupted True True True", "second interrupted False False False"], out.stdout
+
+
+def _pytest_with_this_conftest(tmp_path, test_code: str) -> subprocess.CompletedProcess:
+    """Run one test file through pytest in a subprocess, with the suite's own conftest.py beside it."""
+    with open(os.path.join(ROOT, "tests", "conftest.py"), encoding="utf-8") as f:
+        (tmp_path / "conftest.py").write_text(f.read(), encoding="utf-8")
+    (tmp_path / "test_left_behind.py").write_text(textwrap.dedent(test_code), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": ROOT, "LORA_TRAIN_TEST_STOP_WAIT": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+
+
+def test_the_suite_stops_engine_threads_a_test_left_running(tmp_path):
+    out = _pytest_with_this_conftest(tmp_path, """
+        import threading
+        from lib_lora_train import background
+
+        def test_leaves_a_thread():
+            stop = threading.Event()
+            background.start(lambda: stop.wait(600), name="polite", stop=stop)
+    """)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "did not stop" not in out.stderr
+
+
+def test_the_suite_fails_when_an_engine_thread_does_not_stop_when_asked(tmp_path):
+    # the thread ignores its stop for 5 s: longer than the session's wait (1 s here), short enough for the exit hook
+    out = _pytest_with_this_conftest(tmp_path, """
+        import threading, time
+        from lib_lora_train import background
+
+        def test_leaves_a_stubborn_thread():
+            background.start(lambda: time.sleep(5), name="stubborn", stop=lambda: None)
+    """)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "1 passed" in out.stdout
+    assert "engine threads did not stop when asked: ['stubborn']" in out.stderr
