@@ -143,6 +143,47 @@ def test_accelerate_launch_two_cpu_processes(world, single_double_batch):
     print(f"accelerate x2 vs 1 process with batch 4: largest difference {worst:.3g}")
 
 
+_GROUP_FREED = r"""
+import gc, json, os, sys, weakref
+import torch.distributed as dist
+from lib_lora_train import cli
+refs = []
+real_init = dist.init_process_group
+def init(*args, **kwargs):
+    real_init(*args, **kwargs)
+    refs.append(weakref.ref(dist.group.WORLD))
+    import torch.distributed.nn   # as a library imported during the run does (accelerate's FSDP helpers)
+dist.init_process_group = init
+rc = cli.main(["train", "--config", sys.argv[1], "--no-bar"])
+gc.collect()
+tasks = "/proc/self/task"
+names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "rc": rc, "group_alive": refs[0]() is not None,
+                              "gloo_threads": [n for n in names if "gloo" in n]}))
+"""
+
+
+def test_the_process_group_is_freed_when_a_run_ends(world):
+    """A group that outlives the run keeps gloo's threads running into interpreter shutdown, where one of them
+    can abort the process (SIGABRT) after a run that succeeded: seen once in CI under accelerate launch."""
+    torchrun = BIN / "torchrun"
+    cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    proc = _run(cmd + ["--standalone", "--nproc_per_node", "2", str(_script(world)),
+                       str(_config(world, "freed", 2))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1], proc.stdout[-2000:]
+    for r in results:
+        assert r["rc"] == 0 and not r["group_alive"] and r["gloo_threads"] == [], r
+
+
+def _script(world: Path) -> Path:
+    path = world / "group_freed.py"
+    path.write_text(_GROUP_FREED)
+    return path
+
+
 def test_a_killed_process_stops_the_other_and_the_last_save_resumes(world):
     """Two processes started as a launcher starts them (env); process 1 is killed (SIGKILL) in epoch 2."""
     cfg = _config(world, "killed", 2, ddp_timeout=1)

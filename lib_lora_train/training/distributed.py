@@ -293,6 +293,7 @@ def setup(cfg, *, host_model: bool = False, environ=None) -> DistContext:
         return ctx
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _import_group_defaults()
     try:
         import inspect
         kwargs = {"device_id": device} if device.type == "cuda" and "device_id" in \
@@ -310,6 +311,23 @@ def setup(cfg, *, host_model: bool = False, environ=None) -> DistContext:
     atexit.register(ctx.close)
     ctx.watch_launcher()
     return ctx
+
+
+# torch modules whose functions take `group=group.WORLD` as a default: imported after the group exists (accelerate
+# imports them with its FSDP helpers, while the model loads) they keep the group in those defaults for the life of
+# the process, destroy_process_group cannot free it, and gloo's worker threads are still running when the
+# interpreter shuts down; one of them dropping a tensor then needs the GIL of a dying interpreter and the process
+# aborts (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+_GROUP_DEFAULT_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp.sharded_grad_scaler")
+
+
+def _import_group_defaults() -> None:
+    """Import those modules before the group exists, so their defaults hold None (the default group, looked up
+    at call time)."""
+    import importlib
+    for name in _GROUP_DEFAULT_MODULES:
+        with contextlib.suppress(Exception):   # a build without them holds no such default either
+            importlib.import_module(name)
 
 
 def _device_for(name: str, local_rank: int) -> torch.device:
