@@ -309,3 +309,26 @@ for _s in (
             keys={"learning_rate": 3e-3, "unet_lr": 3e-3}, reg=True, ablation_of="style-reg"),
 ):
     register(_s)
+# Sixth round (2026-12-08): LoCon, the LoRA also on the U-Net's 3x3 convolutions (sd-scripts' conv_dim /
+# conv_alpha): a rendering (the outline style) and a composition (the figure) live in the ResNet blocks as much as
+# in attention, which the presets' LoRA alone does not reach.
+for _s in (
+    Setting("character-locon", "preset \"character\" + class images, LoCon conv_dim 16 / conv_alpha 8",
+            preset="character", keys={"network_args": ["conv_dim=16", "conv_alpha=8"]}, reg=True,
+            ablation_of="character-reg"),
+    Setting("style-locon", "preset \"style\" + class images, LoCon conv_dim 32 / conv_alpha 16", preset="style",
+            keys={"network_args": ["conv_dim=32", "conv_alpha=16"]}, reg=True, ablation_of="style-reg"),
+    Setting("concept-reg-locon", "concept-reg with LoCon conv_dim 32 / conv_alpha 16", preset="concept",
+            keys={"network_args": ["conv_dim=32", "conv_alpha=16"]}, reg=True, ablation_of="concept-reg"),
+):
+    register(_s)
+# min-SNR weighting lowers the weight of the low-noise timesteps, where fine detail such as an outline's edges is
+# learned: the style without it, and with sd-scripts' debiased estimation (which weights those steps differently).
+for _s in (
+    Setting("style-no-minsnr", "preset \"style\" + class images without min-SNR weighting", preset="style",
+            keys={"min_snr_gamma": None}, reg=True, ablation_of="style-reg"),
+    Setting("style-debiased", "preset \"style\" + class images, debiased estimation instead of min-SNR",
+            preset="style", keys={"min_snr_gamma": None, "debiased_estimation_loss": True}, reg=True,
+            ablation_of="style-reg"),
+):
+    register(_s)
