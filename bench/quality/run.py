@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from classify import classify  # noqa: E402
 from concepts import CONCEPTS, N_IMAGES, PRIOR_PROMPTS, follows  # noqa: E402
-from sampler import sample, to_float32, to_pil  # noqa: E402
+from sampler import SCALE, sample, to_float32, to_pil  # noqa: E402
 from settings import SETTINGS, Setting  # noqa: E402
 
 BASE = HERE.parent.parent / "lib_lora_train" / "demo" / "tiny_base.safetensors"   # --base changes it
@@ -48,6 +48,7 @@ def file_digest(path: Path) -> str:
     import hashlib
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 TARGET = {"concept": 0.90, "prior_drop": 0.05, "leakage": 0.10}
+CFG = SCALE       # --cfg changes it
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -113,7 +114,7 @@ _SHOWN = ("network_module", "network_dim", "network_alpha", "network_args", "opt
 def draw_all(model, concept, seeds: list[int], clip_skip) -> dict[str, list]:
     out = {}
     for prompt in list(concept.prompts) + list(PRIOR_PROMPTS):
-        out[prompt] = [classify(img) for img in sample(model, prompt, seeds, clip_skip=clip_skip)]
+        out[prompt] = [classify(img) for img in sample(model, prompt, seeds, clip_skip=clip_skip, scale=CFG)]
     return out
 
 
@@ -139,7 +140,8 @@ def score(concept, readings: dict[str, list], base: dict[str, list] | None) -> d
 def base_readings(base_model, concept, seeds: list[int], cache: Path) -> dict[str, list]:
     """The base model's readings on the benchmark's prompts and seeds, cached (several runs in parallel share it)."""
     # keyed by the base file's content: two bases of one architecture have the same size
-    path = cache / f"base_{concept.name}_{seeds[0]}_{len(seeds)}_{file_digest(BASE)}.pkl"
+    at = "" if CFG == SCALE else f"_cfg{CFG:g}"       # the benchmark's CFG keeps the caches' first names
+    path = cache / f"base_{concept.name}_{seeds[0]}_{len(seeds)}{at}_{file_digest(BASE)}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     readings = draw_all(base_model, concept, seeds, None)
@@ -211,7 +213,7 @@ def verdict(row: dict, base: dict) -> str:
 
 
 def markdown(results: dict, seeds: int) -> str:
-    lines = [f"Seeds per prompt: {seeds}; DPM++ 2M Karras, 20 steps, CFG 5, 64 px; Wilson 95% intervals. "
+    lines = [f"Seeds per prompt: {seeds}; DPM++ 2M Karras, 20 steps, CFG {CFG:g}, 64 px; Wilson 95% intervals. "
              f"Target: concept >= {TARGET['concept']}, leakage <= {TARGET['leakage']}, prior within "
              f"{TARGET['prior_drop']} of the base.", ""]
     for cname, rows in results.items():
@@ -247,13 +249,15 @@ def merge(folders: list[Path], out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global BASE
+    global BASE, CFG
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", default="ceiling,base,plain,concept-reg,concept,character,style")
     ap.add_argument("--concepts", default="zkz")
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--out", default="bench_quality_out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cfg", type=float, default=SCALE,
+                    help=f"CFG scale of the samples (default {SCALE:g}, the benchmark's; 7 is the WebUI's default)")
     ap.add_argument("--base", default=None, help=f"the base model file (default: {BASE.name}, the demo's)")
     ap.add_argument("--base-cache", default=None,
                     help="folder for the base model's readings (default: --out); runs in parallel can share one")
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", metavar="DIR",
                     help="only combine the results.json of earlier --out folders into --out (no training)")
     args = ap.parse_args(argv)
+    CFG = args.cfg
     if args.merge:
         return merge([Path(d) for d in args.merge], Path(args.out))
     torch.set_num_threads(args.threads)
